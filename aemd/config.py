@@ -1,0 +1,130 @@
+"""The node's TOML config: documented defaults, strict loading.
+
+``aemd init`` writes :data:`TEMPLATE` (every key, commented) to
+``<home>/config.toml``. Loading fills missing keys from :data:`DEFAULTS` and
+refuses unknown sections or keys and wrongly typed values with a CONFIG error
+that names the key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from protocol import errors
+from protocol.errors import AemError
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "node": {
+        "listen": ["/ip4/0.0.0.0/tcp/4001"],
+        "bootstrap": [],
+        "mdns": False,
+        "log_level": "warning",
+    },
+    "capacity": {
+        "gpu": "",
+        "vram_mb": 0,
+        "ram_mb": 0,
+        "locality": "",
+    },
+    "gossip": {
+        "card_interval_s": 60,
+        "card_ttl_s": 300,
+        "max_invalid_per_peer": 20,
+    },
+    "sync": {
+        "interval_s": 30,
+        "batch": 512,
+    },
+    "llama": {
+        "n_ctx": 2048,
+        "n_threads": 0,
+        "n_gpu_layers": 0,
+        "max_tokens": 512,
+        "task_timeout_s": 300,
+    },
+    "codepatch": {
+        "timeout_s": 60,
+        "memory_mb": 1024,
+        "max_procs": 64,
+    },
+}
+
+TEMPLATE = """\
+# aem node configuration. Every key is shown with its default; delete a line to
+# get the default back. Unknown keys are refused, so a typo is caught at start.
+
+[node]
+# Multiaddrs to listen on. Port 4001 on every interface by default.
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+# Peers to dial at start, as full multiaddrs ending in /p2p/PEER_ID.
+bootstrap = []
+# Find peers on the local network with mDNS (off by default).
+mdns = false
+# debug, info, warning or error.
+log_level = "warning"
+
+[capacity]
+# What this node advertises in its NodeCard. 0 means "detect" for ram_mb and
+# "no GPU" for vram_mb.
+gpu = ""
+vram_mb = 0
+ram_mb = 0
+# A coarse location bucket such as "eu-west"; used by routers to prefer near hosts.
+locality = ""
+
+[gossip]
+# How often the NodeCard is re-announced, and how long a card stays valid.
+card_interval_s = 60
+card_ttl_s = 300
+# Invalid messages tolerated from one peer before it is disconnected.
+max_invalid_per_peer = 20
+
+[sync]
+# Anti-entropy interval with each connected peer, and entries per batch.
+interval_s = 30
+batch = 512
+
+[llama]
+# Context length, CPU threads (0: all cores), layers offloaded to the GPU.
+n_ctx = 2048
+n_threads = 0
+n_gpu_layers = 0
+# Upper bounds applied to every text task.
+max_tokens = 512
+task_timeout_s = 300
+
+[codepatch]
+# Limits for running a code-patch task's tests in the sandbox.
+timeout_s = 60
+memory_mb = 1024
+max_procs = 64
+"""
+
+
+def load_config(path: Path) -> dict[str, dict[str, Any]]:
+    """The config at ``path`` merged over the defaults (defaults if absent)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if not path.exists():
+        return cfg
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AemError(errors.CONFIG, f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AemError(errors.CONFIG, f"{path}: not valid TOML: {exc}") from None
+    for section, values in raw.items():
+        if section not in DEFAULTS or not isinstance(values, dict):
+            raise AemError(errors.CONFIG, f"{path}: unknown section [{section}]")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise AemError(errors.CONFIG, f"{path}: unknown key {section}.{key}")
+            want = type(DEFAULTS[section][key])
+            if type(value) is not want or (want is list and not all(isinstance(x, str) for x in value)):
+                raise AemError(errors.CONFIG, f"{path}: {section}.{key} must be a {want.__name__}")
+            if want is int and value < 0:
+                raise AemError(errors.CONFIG, f"{path}: {section}.{key} must not be negative")
+            cfg[section][key] = value
+    return cfg

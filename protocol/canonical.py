@@ -1,0 +1,103 @@
+"""Canonical msgpack: the only byte form of an aem value.
+
+A value is canonical when it is built from these types only: int (signed 64-bit
+range), bytes, str (UTF-8), bool, list, and dict with str keys. No float, no
+nil, no ext types. Maps are written with keys sorted by their UTF-8 bytes, and
+every int and length in its shortest msgpack form (msgpack-python already
+does that). So there is exactly one byte string per value, and signatures and
+ids computed over it agree across implementations.
+
+Decoding is strict: the size limit is checked before msgpack sees a byte, and
+the decoded value is encoded again and compared with the input. Any difference
+(key order, duplicate keys, a wider integer than needed, str8 where fixstr
+fits, ...) is refused as NOT_CANONICAL. That one comparison replaces a long list
+of special cases and cannot drift from the encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from protocol import errors
+from protocol.errors import AemError
+
+MAX_DEPTH = 16
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+
+def _check(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise AemError(errors.TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
+    t = type(value)
+    if t is bool or t is bytes or t is str:
+        return
+    if t is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise AemError(errors.BAD_VALUE, "integer outside the 64-bit range")
+        return
+    if t is list:
+        for item in value:
+            _check(item, depth + 1)
+        return
+    if t is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise AemError(errors.BAD_TYPE, "map keys must be strings")
+            _check(item, depth + 1)
+        return
+    if t is float:
+        raise AemError(errors.FLOAT_FORBIDDEN, "floats are not allowed")
+    raise AemError(errors.BAD_TYPE, f"type {t.__name__} has no canonical form")
+
+
+def _sorted(value: Any) -> Any:
+    t = type(value)
+    if t is dict:
+        # Sort by the UTF-8 bytes of the key, which is what a second
+        # implementation in any language can reproduce exactly.
+        return {k: _sorted(value[k]) for k in sorted(value, key=lambda k: k.encode())}
+    if t is list:
+        return [_sorted(v) for v in value]
+    return value
+
+
+def encode(value: Any) -> bytes:
+    """Return the canonical bytes of ``value`` or raise AemError."""
+    _check(value, 0)
+    return msgpack.packb(_sorted(value), use_bin_type=True)
+
+
+def decode(data: bytes, max_size: int) -> Any:
+    """Decode canonical bytes of at most ``max_size`` bytes, or raise AemError.
+
+    Only AemError ever leaves this function, whatever ``data`` holds.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise AemError(errors.BAD_TYPE, "input is not bytes")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise AemError(errors.TOO_LARGE, f"{len(data)} bytes > limit {max_size}")
+    if not data:
+        raise AemError(errors.BAD_ENCODING, "empty input")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            unicode_errors="strict",
+        )
+    except msgpack.ExtraData:
+        raise AemError(errors.TRAILING_BYTES, "bytes after the value") from None
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise AemError(errors.BAD_ENCODING, f"not msgpack: {type(exc).__name__}") from None
+    try:
+        again = encode(value)
+    except RecursionError:
+        raise AemError(errors.TOO_DEEP, "nesting too deep") from None
+    if again != data:
+        raise AemError(errors.NOT_CANONICAL, "re-encoding gives different bytes")
+    return value

@@ -1,0 +1,124 @@
+"""Ledger-facing objects besides inference receipts: contributions (the only
+way credits are minted), admission reports, challenges and transfers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crypto import domains
+from protocol import canonical, errors
+from protocol.errors import AemError
+from protocol.genesis import CREDIT_BASES
+from protocol.schema import (AMOUNT, HASH, HASH_OR_EMPTY, KEY, NAME, NONCE, SIG, TEXT, TIME,
+                             Bool, Bytes, ListOf, Obj, SInt, Signed, Str, UInt, WireObject, f)
+
+CONTRIBUTION_TYPES = ("knowledge", "skill", "data_shard", "eval", "curriculum", "operator")
+VERDICTS = ("admit", "reject")
+
+
+@dataclass(frozen=True)
+class Attestation(WireObject):
+    """A verifier's signature over a contribution's measured delta."""
+    verifier: bytes = f(KEY)
+    sig: bytes = f(Bytes(64))
+
+
+@dataclass(frozen=True)
+class ContributionReceipt(Signed):
+    """A contribution with a measured delta. It mints credit only when a quorum
+    of the genesis verifiers attests the same core (everything but ``sig`` and
+    ``attestations``), under the ``contribution_attest`` domain."""
+    TYPE = "contribution"
+    SIGNER = "contributor"
+    MAX_SIZE = 16384
+
+    net: bytes = f(HASH)
+    contributor: bytes = f(KEY)
+    contribution_type: str = f(Str(16, choices=CONTRIBUTION_TYPES))
+    credit_basis: str = f(Str(32, choices=CREDIT_BASES))
+    source_policy: str = f(TEXT)        # where the content came from, under which terms
+    training_use: str = f(TEXT)         # what others may train on it
+    anti_distillation: str = f(TEXT)    # declared: not distilled from third-party models
+    content_commitment: bytes = f(HASH)
+    eval_id: str = f(NAME)
+    measured_delta: int = f(UInt(0, 1_000_000))   # units of the basis, e.g. basis points
+    created_at: int = f(TIME)
+    attestations: tuple = f(ListOf(Obj(Attestation), 64))
+    sig: bytes = f(SIG)
+
+    def attest_bytes(self) -> bytes:
+        m = self.to_map()
+        del m["sig"], m["attestations"]
+        return domains.signable("contribution_attest", self.net, canonical.encode(m))
+
+    def attested_by(self, key) -> Attestation:
+        """A verifier's attestation (``key``: crypto.keys.SigningKey)."""
+        return Attestation(verifier=key.public, sig=key.sign_raw(self.attest_bytes()))
+
+    def valid_attesters(self, verifiers: frozenset[bytes]) -> set[bytes]:
+        """The distinct genesis verifiers whose attestation verifies."""
+        msg = self.attest_bytes()
+        good: set[bytes] = set()
+        for a in self.attestations:
+            if a.verifier in verifiers and a.verifier not in good:
+                try:
+                    domains.verify(a.verifier, msg, a.sig)
+                except AemError:
+                    continue
+                good.add(a.verifier)
+        return good
+
+
+@dataclass(frozen=True)
+class AdmissionReport(Signed):
+    """A verifier's measurement of a capsule against the admission gates."""
+    TYPE = "admission"
+    SIGNER = "verifier"
+    MAX_SIZE = 2048
+
+    net: bytes = f(HASH)
+    verifier: bytes = f(KEY)
+    capsule_id: bytes = f(HASH)
+    target_eval: str = f(NAME)
+    delta_bp: int = f(SInt(-10_000, 10_000))
+    regression_bp: int = f(SInt(-10_000, 10_000))
+    near_duplicate: bool = f(Bool())
+    trigger_risk: bool = f(Bool())
+    fits_vram: bool = f(Bool())
+    manifest_valid: bool = f(Bool())
+    route_trace_hash: bytes = f(HASH_OR_EMPTY)
+    verdict: str = f(Str(8, choices=VERDICTS))
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+
+@dataclass(frozen=True)
+class Challenge(Signed):
+    """A verifier's claim that a receipt is bad; inside the challenge window it
+    voids the receipt and refunds the payer."""
+    TYPE = "challenge"
+    SIGNER = "verifier"
+    MAX_SIZE = 1024
+
+    net: bytes = f(HASH)
+    verifier: bytes = f(KEY)
+    receipt_id: bytes = f(HASH)
+    reason: str = f(TEXT)
+    evidence_hash: bytes = f(HASH_OR_EMPTY)
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+
+@dataclass(frozen=True)
+class Transfer(Signed):
+    TYPE = "transfer"
+    SIGNER = "sender"
+    MAX_SIZE = 512
+
+    net: bytes = f(HASH)
+    sender: bytes = f(KEY)
+    recipient: bytes = f(KEY)
+    amount: int = f(UInt(1, 2**62))
+    nonce: bytes = f(NONCE)
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)

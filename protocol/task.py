@@ -1,0 +1,162 @@
+"""A task and what it leaves behind: the TaskPacket a payer sends, the
+SpendAuthorization that lets a host charge for it, the host's
+InferenceWorkReceipt, the payer's ReceiptAck, and the router's RouteTrace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crypto.hashing import H
+from protocol import errors
+from protocol.errors import AemError
+from protocol.schema import (AMOUNT, HASH, HASH_OR_EMPTY, KEY, NAME, NONCE, SIG, TAG, TEXT,
+                             TIME, Bool, Bytes, ListOf, Obj, SInt, Signed, Str, UInt,
+                             WireObject, f)
+
+TASK_KINDS = ("text", "code_patch")
+MAX_REPO_TAR = 8 << 20
+MAX_PATCH = 1 << 20
+MAX_PROMPT = 64 << 10
+MAX_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class TaskPacket(Signed):
+    """One unit of work. ``text`` tasks use prompt/max_tokens/temperature/seed;
+    ``code_patch`` tasks use repo_tar/repo_hash/patch/test_cmd. The fields of
+    the other kind are empty, so every packet has the same shape."""
+    TYPE = "task"
+    SIGNER = "payer"
+    MAX_SIZE = MAX_REPO_TAR + MAX_PATCH + MAX_PROMPT + 65536
+
+    net: bytes = f(HASH)
+    payer: bytes = f(KEY)
+    nonce: bytes = f(NONCE)
+    kind: str = f(Str(16, choices=TASK_KINDS))
+    domain: str = f(NAME)
+    tags: tuple = f(ListOf(TAG, 32, unique=True))
+    prompt: str = f(Str(MAX_PROMPT))
+    max_tokens: int = f(UInt(0, MAX_TOKENS))
+    temperature_milli: int = f(UInt(0, 2000))
+    seed: int = f(UInt(0, 2**32 - 1))
+    repo_tar: bytes = f(Bytes(max_len=MAX_REPO_TAR))
+    repo_hash: bytes = f(HASH_OR_EMPTY)
+    patch: str = f(Str(MAX_PATCH))
+    test_cmd: tuple = f(ListOf(Str(1024), 64))
+    max_price: int = f(AMOUNT)
+    latency_budget_ms: int = f(UInt(0, 3_600_000))
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+    def _validate(self) -> None:
+        if self.kind == "text":
+            if self.repo_tar or self.repo_hash or self.patch or self.test_cmd:
+                raise AemError(errors.BAD_VALUE, "task: a text task carries no repository")
+        else:
+            if self.prompt or self.max_tokens:
+                raise AemError(errors.BAD_VALUE, "task: a code_patch task carries no prompt")
+            if not self.test_cmd:
+                raise AemError(errors.BAD_VALUE, "task: a code_patch task needs a test command")
+            if self.repo_hash != H(self.repo_tar):
+                raise AemError(errors.BAD_VALUE, "task: repo_hash does not match repo_tar")
+
+
+@dataclass(frozen=True)
+class SpendAuthorization(Signed):
+    """The payer's permission to charge at most ``max_charge`` for one task.
+    ``spend_key`` is used once in the whole ledger: the first charge wins."""
+    TYPE = "spend_auth"
+    SIGNER = "payer"
+    MAX_SIZE = 1024
+
+    net: bytes = f(HASH)
+    payer: bytes = f(KEY)
+    spend_key: bytes = f(Bytes(32))
+    task_hash: bytes = f(HASH)
+    max_charge: int = f(AMOUNT)
+    expires_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+
+@dataclass(frozen=True)
+class InferenceWorkReceipt(Signed):
+    """The host's signed record that it did a task, and the charge."""
+    TYPE = "inference_receipt"
+    SIGNER = "host"
+    MAX_SIZE = 2048
+
+    net: bytes = f(HASH)
+    host: bytes = f(KEY)
+    payer: bytes = f(KEY)
+    task_hash: bytes = f(HASH)
+    capsule_id: bytes = f(HASH)
+    spend_auth: SpendAuthorization = f(Obj(SpendAuthorization))
+    charge: int = f(AMOUNT)
+    output_hash: bytes = f(HASH)
+    tokens_out: int = f(UInt())
+    started_at: int = f(TIME)
+    finished_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+    def _validate(self) -> None:
+        a = self.spend_auth
+        if a.payer != self.payer or a.task_hash != self.task_hash or a.net != self.net:
+            raise AemError(errors.BAD_VALUE, "inference_receipt: spend_auth is for another payer, task or network")
+        if self.charge > a.max_charge:
+            raise AemError(errors.BAD_VALUE, "inference_receipt: charge exceeds max_charge")
+        if self.finished_at < self.started_at:
+            raise AemError(errors.BAD_VALUE, "inference_receipt: finished before it started")
+
+    def _verify_nested(self, now: int | None) -> None:
+        # The authorization was valid when the work was done, not necessarily now.
+        self.spend_auth.verify(self.net)
+
+
+@dataclass(frozen=True)
+class ReceiptAck(Signed):
+    """The payer's acknowledgement of a receipt it received."""
+    TYPE = "receipt_ack"
+    SIGNER = "payer"
+    MAX_SIZE = 512
+
+    net: bytes = f(HASH)
+    payer: bytes = f(KEY)
+    receipt_id: bytes = f(HASH)
+    accepted: bool = f(Bool())
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+
+@dataclass(frozen=True)
+class Candidate(WireObject):
+    host: bytes = f(KEY)
+    capsule_id: bytes = f(HASH)
+    price: int = f(AMOUNT)
+    score: int = f(SInt())
+
+
+@dataclass(frozen=True)
+class Attempt(WireObject):
+    host: bytes = f(KEY)
+    outcome: str = f(Str(32))
+    detail: str = f(TEXT)
+    elapsed_ms: int = f(UInt())
+
+
+@dataclass(frozen=True)
+class RouteTrace(Signed):
+    """Why a router sent a task where it did: candidates, scores, each attempt."""
+    TYPE = "route_trace"
+    SIGNER = "router"
+    MAX_SIZE = 32768
+
+    net: bytes = f(HASH)
+    router: bytes = f(KEY)
+    task_id: bytes = f(HASH)
+    candidates: tuple = f(ListOf(Obj(Candidate), 64))
+    attempts: tuple = f(ListOf(Obj(Attempt), 64))
+    chosen: bytes = f(Bytes(0, 32))
+    outcome: str = f(Str(32))
+    receipt_id: bytes = f(HASH_OR_EMPTY)
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
