@@ -76,7 +76,7 @@ def read_passphrase(passphrase_file: str | None) -> str | None:
     """The keystore passphrase from a file or ``AEM_PASSPHRASE``, if any."""
     if passphrase_file:
         try:
-            return Path(passphrase_file).read_text().rstrip("\n")
+            return Path(passphrase_file).read_text().rstrip("\n") or None
         except OSError as exc:
             raise AemError(errors.CONFIG, f"cannot read passphrase file: {exc.strerror}") from None
     return os.environ.get(ENV_PASSPHRASE) or None

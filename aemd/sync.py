@@ -1,0 +1,127 @@
+"""Log replication over one libp2p stream (specs/sync-protocol.md).
+
+Pull-based: the side that opens the stream (the client) sends its Frontiers,
+the server answers with its own, and the client then asks for the ranges it
+is missing in bounded batches, verifying every entry on insert. Each side
+pulls for itself, so two nodes that connect both run a session.
+
+Both ends bound everything: frames by size, sessions by request count and
+time, batches by entries and bytes. A peer that sends entries that fail
+verification is reported through ``SyncStats.rejected`` so the node can
+penalise it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from aemd.framing import deadline, read_frame, read_frame_or_eof, write_frame
+from protocol import errors
+from protocol.errors import AemError
+from protocol.sync import (MAX_BATCH, Frontier, Frontiers, RangeRequest, RangeResponse,
+                           SyncDone, decode_sync_message, plan_fetch)
+
+MAX_REQUESTS_PER_SESSION = 10_000
+READ_TIMEOUT_S = 30.0
+FRONTIERS_LIMIT = Frontiers.MAX_SIZE
+RANGE_LIMIT = RangeResponse.MAX_SIZE
+
+
+class LogAccess(Protocol):
+    """What sync needs of the log store (async, so it can run in a thread)."""
+
+    async def frontiers(self) -> dict[bytes, tuple[int, bytes]]: ...
+
+    async def range(self, author: bytes, from_seq: int, limit: int) -> list[bytes]: ...
+
+    async def insert_batch(self, entries: list[bytes]) -> tuple[int, int]:
+        """Insert; return (newly stored, rejected as invalid)."""
+        ...
+
+
+@dataclass
+class SyncStats:
+    requests: int = 0
+    received: int = 0
+    added: int = 0
+    rejected: int = 0
+
+
+def _frontier_list(fr: dict[bytes, tuple[int, bytes]]) -> tuple[Frontier, ...]:
+    return tuple(Frontier(author=a, seq=s, head=h) for a, (s, h) in sorted(fr.items()))
+
+
+async def sync_client(stream, log: LogAccess, net: bytes, batch: int = MAX_BATCH) -> SyncStats:
+    """Pull from the peer on ``stream`` everything it has that we lack."""
+    stats = SyncStats()
+    batch = max(1, min(batch, MAX_BATCH))
+    local = await log.frontiers()
+    with deadline(READ_TIMEOUT_S, "sync frontiers"):
+        await write_frame(stream, Frontiers(net=net, frontiers=_frontier_list(local)).encode())
+        remote = decode_sync_message(await read_frame(stream, FRONTIERS_LIMIT))
+    if not isinstance(remote, Frontiers) or remote.net != net:
+        raise AemError(errors.WRONG_OBJECT, "peer did not answer with its frontiers")
+    targets = {fr.author: fr.seq for fr in remote.frontiers}
+    queue = plan_fetch(local, remote.frontiers, batch)
+    while queue:
+        author, from_seq, limit = queue.pop(0)
+        if stats.requests >= MAX_REQUESTS_PER_SESSION:
+            break
+        stats.requests += 1
+        with deadline(READ_TIMEOUT_S, "sync range"):
+            await write_frame(stream, RangeRequest(net=net, author=author, from_seq=from_seq,
+                                                   limit=limit).encode())
+            resp = decode_sync_message(await read_frame(stream, RANGE_LIMIT))
+        if not isinstance(resp, RangeResponse) or resp.net != net or resp.author != author:
+            raise AemError(errors.WRONG_OBJECT, "peer answered a range request with something else")
+        if len(resp.entries) > limit:
+            raise AemError(errors.BAD_VALUE, "peer sent more entries than asked")
+        stats.received += len(resp.entries)
+        added, rejected = await log.insert_batch(list(resp.entries))
+        stats.added += added
+        stats.rejected += rejected
+        if rejected:
+            break  # a peer serving bad entries gets no more of our time this session
+        got = len(resp.entries)
+        nxt = from_seq + got
+        # Keep going while the peer had a full batch and more to give.
+        if got == limit and nxt <= targets.get(author, -1):
+            queue.append((author, nxt, min(batch, targets[author] - nxt + 1)))
+    with trio.move_on_after(5):
+        await write_frame(stream, SyncDone(net=net).encode())
+    return stats
+
+
+async def sync_server(stream, log: LogAccess, net: bytes) -> int:
+    """Answer one peer's sync session until it is done; returns requests served."""
+    served = 0
+    while served < MAX_REQUESTS_PER_SESSION + 2:
+        with deadline(READ_TIMEOUT_S, "sync request"):
+            frame = await read_frame_or_eof(stream, FRONTIERS_LIMIT)
+        if frame is None:
+            return served
+        msg = decode_sync_message(frame)
+        if getattr(msg, "net", None) != net:
+            raise AemError(errors.WRONG_NETWORK, "sync message for another network")
+        served += 1
+        if isinstance(msg, SyncDone):
+            return served
+        if isinstance(msg, Frontiers):
+            reply = Frontiers(net=net, frontiers=_frontier_list(await log.frontiers()))
+        elif isinstance(msg, RangeRequest):
+            entries = await log.range(msg.author, msg.from_seq, msg.limit)
+            out, size = [], 0
+            for e in entries[: msg.limit]:
+                size += len(e)
+                if size > RangeResponse.MAX_SIZE - 8192:
+                    break
+                out.append(e)
+            reply = RangeResponse(net=net, author=msg.author, entries=tuple(out))
+        else:
+            raise AemError(errors.WRONG_OBJECT, f"unexpected {msg.TYPE} from the sync client")
+        with deadline(READ_TIMEOUT_S, "sync reply"):
+            await write_frame(stream, reply.encode())
+    return served
