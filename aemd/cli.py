@@ -9,7 +9,7 @@ from typing import Sequence
 
 from aemd.cliutil import run_main
 
-COMMAND_MODULES = ["aemd.cmd_init"]
+COMMAND_MODULES = ["aemd.cmd_init", "aemd.cmd_node", "aemd.cmd_demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

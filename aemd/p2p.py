@@ -885,6 +885,15 @@ class P2PNode:
         """Current (decayed) penalty points of ``peer_id``."""
         return self._decayed_points(_parse_peer_id(peer_id), trio.current_time())
 
+    def penalties(self) -> dict[str, float]:
+        """Every tracked peer's current penalty points."""
+        now = trio.current_time()
+        return {pid.to_base58(): self._decayed_points(pid, now) for pid in self._points}
+
+    def banned(self) -> list[str]:
+        """Peers whose ban is in force."""
+        return sorted(pid.to_base58() for pid in self._bans if self._is_banned_id(pid))
+
     def _decayed_points(self, pid: ID, now: float) -> float:
         entry = self._points.get(pid)
         if entry is None:

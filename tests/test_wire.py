@@ -17,12 +17,19 @@ from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
 from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
 from protocol.task import (InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization,
                            TaskPacket)
+from protocol.sync import (Frontiers, HeadAnnouncement, RangeRequest, RangeResponse, SyncDone,
+                           decode_sync_message)
+from protocol.taskwire import (TaskAccepted, TaskChunk, TaskRefused, TaskRequest, TaskResult,
+                               decode_reply)
 from tests import vectors, wirekit
 
 SIGNED = [Genesis, NodeCard, HostAdvertisement, ExpertCapsuleManifest, TaskPacket,
           SpendAuthorization, InferenceWorkReceipt, ReceiptAck, ContributionReceipt,
           AdmissionReport, Challenge, Transfer, RouteTrace, Entry]
 RECORDS = [Grant, MintRate, Limits]
+# Unsigned messages: sync stream, gossip heads, task stream.
+MESSAGES = [HeadAnnouncement, Frontiers, RangeRequest, RangeResponse, SyncDone,
+            TaskRequest, TaskRefused, TaskAccepted, TaskChunk, TaskResult]
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.filter_too_much])
 
@@ -31,7 +38,7 @@ def _verify(obj):
     obj.verify(obj.network() or None)
 
 
-@pytest.mark.parametrize("cls", SIGNED + RECORDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SIGNED + RECORDS + MESSAGES, ids=lambda c: c.__name__)
 @PROPS
 @given(data=st.data())
 def test_round_trip_is_byte_identical(cls, data):
@@ -56,7 +63,7 @@ def test_any_flipped_byte_fails_verification(cls, data):
         _verify(cls.decode(bytes(b)))
 
 
-@pytest.mark.parametrize("cls", SIGNED + RECORDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SIGNED + RECORDS + MESSAGES, ids=lambda c: c.__name__)
 @settings(max_examples=60, deadline=None)
 @given(junk=st.binary(max_size=300))
 def test_random_bytes_only_raise_typed_errors(cls, junk):
@@ -64,7 +71,7 @@ def test_random_bytes_only_raise_typed_errors(cls, junk):
         cls.decode(junk)
 
 
-@pytest.mark.parametrize("cls", SIGNED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SIGNED + MESSAGES, ids=lambda c: c.__name__)
 @settings(max_examples=60, deadline=None)
 @given(value=wirekit.msgpack_values)
 def test_random_msgpack_values_only_raise_typed_errors(cls, value):
@@ -156,3 +163,23 @@ def test_expired_objects_are_refused():
     with pytest.raises(AemError) as exc:
         card.verify(card.net, now=card.expires_at)
     assert exc.value.code == errors.EXPIRED
+
+
+@settings(max_examples=100, deadline=None)
+@given(junk=st.binary(max_size=300) | wirekit.msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True)))
+def test_stream_dispatchers_only_raise_typed_errors(junk):
+    for fn in (decode_sync_message, decode_reply):
+        try:
+            fn(junk)
+        except AemError:
+            pass
+
+
+@PROPS
+@given(data=st.data())
+def test_stream_dispatchers_round_trip(data):
+    for cls, fn in ((data.draw(st.sampled_from([Frontiers, RangeRequest, RangeResponse, SyncDone])),
+                     decode_sync_message),
+                    (data.draw(st.sampled_from([TaskRefused, TaskAccepted, TaskChunk, TaskResult])), decode_reply)):
+        obj = data.draw(wirekit.objects(cls))
+        assert fn(obj.encode()) == obj

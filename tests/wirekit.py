@@ -70,6 +70,10 @@ def _fix(cls_name: str, d: dict) -> dict:
         a = d["spend_auth"]
         d.update(payer=a.payer, task_hash=a.task_hash, net=a.net, charge=min(d["charge"], a.max_charge),
                  finished_at=max(d["finished_at"], d["started_at"]))
+    elif cls_name == "TaskRequest":
+        t = d["task"]
+        d["spend_auth"] = d["spend_auth"].replace(task_hash=t.id, payer=t.payer, net=t.net).signed(
+            BY_PUBLIC[t.payer])
     elif cls_name == "Entry":
         d["prev"] = b"" if d["seq"] == 0 else (d["prev"] or H(b"prev"))
     return d

@@ -1,0 +1,233 @@
+"""`aemd demo`: a local mesh on 127.0.0.1 doing real work, end to end.
+
+Three (or more) nodes in one process, each with its own home, store and
+libp2p host, joined in a line so gossip and sync have to relay. A fresh
+genesis funds the payer; one node hosts a tiny llama GGUF (written here with
+the gguf package), one the code-patch verifier. The payer submits a text task
+and a code-patch task through the router, and every node's ledger replay is
+shown to agree on the state root, the payer debited and the hosts pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from aemd.capsules import LocalCapsule, Serving, save_capsule
+from aemd.cliutil import fmt_credits
+from aemd.cmd_node import setup_logging
+from aemd.config import TEMPLATE, load_config
+from aemd.home import Home
+from aemd.identity import atomic_write, init_home
+from aemd.node import Node, NodeOptions
+from crypto.hashing import H
+from crypto.keys import SigningKey
+from protocol import errors
+from protocol.errors import AemError
+from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
+from protocol.mesh import ExpertCapsuleManifest
+
+CREDIT = 1_000_000
+DEMO_CONFIG_OVERRIDES = """
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+[gossip]
+card_interval_s = 2
+[sync]
+interval_s = 2
+[llama]
+n_ctx = 512
+n_threads = 1
+"""
+
+
+def register_aemd(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="run a local demo mesh that does a text task and a code-patch task",
+        description="Start a mesh of --nodes nodes on 127.0.0.1 with a fresh network, a tiny GGUF "
+                    "capsule and a code-patch verifier; submit one task of each kind; show the "
+                    "receipts and the balances every node agrees on. Nothing leaves this machine.")
+    p.add_argument("--nodes", type=int, default=3, help="number of nodes, at least 3 (default 3)")
+    p.add_argument("--dir", metavar="DIR", help="keep the nodes' homes here (default: a temporary "
+                                                "directory, removed at the end)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="keep the mesh running after the tasks, until Ctrl-C (use aemctl --home DIR/n0 ...)")
+    p.add_argument("--prompt", default="The mesh says", help="the text task's prompt")
+    p.set_defaults(func=_demo)
+
+
+def _code_capsule(key: SigningKey, net: bytes) -> ExpertCapsuleManifest:
+    from aemd.cmd_task import CODE_PATCH_ARTEFACT
+    return ExpertCapsuleManifest(
+        net=net, author=key.public, name="code-patch verifier", kind="code_patch",
+        content_hash=H(CODE_PATCH_ARTEFACT), size_bytes=0, architecture="", n_params=0, quantization="",
+        context_length=0, vram_need_mb=0, domain="python", tags=(), eval_claims=(),
+        created_at=int(time.time()), sig=b"").signed(key)
+
+
+def _gguf_capsule(key: SigningKey, net: bytes, path: Path) -> ExpertCapsuleManifest:
+    from aemd.executors import estimate_memory_mb, inspect_gguf
+    info = inspect_gguf(path)
+    return ExpertCapsuleManifest(
+        net=net, author=key.public, name="tiny-llama (random weights)", kind="gguf",
+        content_hash=info.content_hash, size_bytes=info.size_bytes, architecture=info.architecture,
+        n_params=info.n_params, quantization=info.quantization, context_length=info.context_length or 0,
+        vram_need_mb=estimate_memory_mb(info, 512), domain="general", tags=(), eval_claims=(),
+        created_at=int(time.time()), sig=b"").signed(key)
+
+
+def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
+    """Homes, genesis and capsules of a demo mesh under ``root``."""
+    from aemd.executors import TINY_MODEL, write_tiny_llama_gguf
+    homes = [Home(root / f"n{i}") for i in range(n)]
+    keys = [init_home(h, None, None) for h in homes]
+    founder, verifier = SigningKey.generate(), SigningKey.generate()
+    grants = {keys[0].public: 100 * CREDIT, **{k.public: 10 * CREDIT for k in keys[1:]}}
+    genesis = Genesis(
+        network_name="aem-demo", created_at=int(time.time()) - 60, founder=founder.public,
+        verifiers=(verifier.public,), quorum=1,
+        grants=tuple(Grant(account=a, amount=grants[a]) for a in sorted(grants)),
+        challenge_window=60, mint_rates=(MintRate(basis="accepted_delta", micro_per_unit=CREDIT // 100),),
+        max_mint_per_receipt=1000 * CREDIT, limits=DEFAULT_LIMITS, sig=b"").signed(founder)
+    gfile = root / "genesis.aem"
+    atomic_write(gfile, genesis.encode())
+    config = TEMPLATE + DEMO_CONFIG_OVERRIDES
+    for h in homes:
+        init_home(h, gfile, None)
+        atomic_write(h.config, _merge(config).encode())
+    net = genesis.network_id
+    model = write_tiny_llama_gguf(root / "tiny-llama.gguf", **TINY_MODEL)
+    save_capsule(homes[1], LocalCapsule(_gguf_capsule(keys[1], net, model),
+                                        Serving(path=str(model), price=CREDIT // 2, roles=("inference",),
+                                                max_concurrency=1)))
+    save_capsule(homes[2], LocalCapsule(_code_capsule(keys[2], net),
+                                        Serving(path="", price=CREDIT // 4, roles=("code_patch",),
+                                                max_concurrency=1)))
+    return homes, genesis
+
+
+def _merge(text: str) -> str:
+    """The template with the demo's overrides (later keys win, one per section)."""
+    sections: dict[str, dict[str, str]] = {}
+    order: list[str] = []
+    current = None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s[1:-1]
+            if current not in sections:
+                sections[current] = {}
+                order.append(current)
+        elif current and "=" in s and not s.startswith("#"):
+            k, v = s.split("=", 1)
+            sections[current][k.strip()] = v.strip()
+    return "\n".join(f"[{sec}]\n" + "\n".join(f"{k} = {v}" for k, v in sections[sec].items()) + "\n"
+                     for sec in order)
+
+
+async def _wait(what: str, check, timeout: float = 60.0) -> None:
+    with trio.move_on_after(timeout):
+        while not await check():
+            await trio.sleep(0.2)
+        return
+    raise AemError(errors.TIMEOUT, f"demo: {what} did not happen in {timeout:.0f} s")
+
+
+async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_running: bool) -> dict:
+    from aemd import services
+    from aemd.executors import FIXTURE_TEST_COMMAND, fixture_patch, fixture_repo_tar
+    from aemd.identity import load_node
+    nodes: list[Node] = []
+    svcs = []
+    for h in homes:
+        key, g, cfg = load_node(h, None)
+        node = Node(h, key, g, NodeOptions.from_config(cfg, None, None))
+        svcs.append(services.install(node, cfg))
+        nodes.append(node)
+    summary: dict = {}
+    async with trio.open_nursery() as nursery:
+        prev = None
+        for node in nodes:
+            await nursery.start(node.run)
+            if prev is not None:
+                await node.p2p.connect(prev.p2p.listen_multiaddrs()[0])
+            prev = node
+        print(f"mesh of {len(nodes)} nodes up on 127.0.0.1, network {genesis.network_id.hex()[:16]}")
+        for i, node in enumerate(nodes):
+            print(f"  n{i}  {node.p2p.peer_id}  home {node.home.root}")
+        payer = nodes[0]
+        await _wait("advertisements reaching the payer", lambda: _has_ads(payer, 2))
+        print("payer n0 sees 2 advertisements (text: n1, code-patch: n2)\n")
+
+        async def show(ev: dict) -> None:
+            if ev.get("event") == "chunk":
+                print(ev["data"].decode("utf-8", "replace").encode("ascii", "replace").decode(), end="", flush=True)
+
+        print(f"text task, prompt {prompt!r}:")
+        text = await svcs[0].submit({"kind": "text", "domain": "general", "prompt": prompt, "max_tokens": 32,
+                                     "seed": 7, "max_price": CREDIT}, show)
+        print(f"\n  -> host n1, price {fmt_credits(text['price'])}, receipt {text['receipt_id'][:16]}")
+
+        code = await svcs[0].submit({"kind": "code_patch", "domain": "python", "max_price": CREDIT,
+                                     "repo_tar": fixture_repo_tar(), "patch": fixture_patch("good"),
+                                     "test_cmd": list(FIXTURE_TEST_COMMAND)}, _quiet)
+        import json
+        report = json.loads(code["output"])
+        print(f"code-patch task (fixture repository, good patch): tests {report['outcome']} "
+              f"under {report['isolation']} isolation")
+        print(f"  -> host n2, price {fmt_credits(code['price'])}, receipt {code['receipt_id'][:16]}\n")
+
+        async def agreed() -> bool:
+            counts = {await n.store.count() for n in nodes}
+            roots = {(await n.store.replay(n.now()))["state_root"] for n in nodes}
+            return len(counts) == 1 and len(roots) == 1 and counts.pop() >= 4
+        await _wait("every node agreeing on the ledger", agreed)
+        replay = await payer.store.replay(payer.now())
+        print(f"every node replays the same ledger: state root {replay['state_root'][:32]}")
+        print(f"  {'node':4}  {'available':>14}  {'pending':>10}")
+        for i, node in enumerate(nodes):
+            b = replay["balances"].get(node.key.public.hex(), {"available": 0, "pending": 0})
+            print(f"  n{i:<3}  {fmt_credits(b['available']):>14}  {fmt_credits(b['pending']):>10}")
+        print(f"(hosts are paid after the {genesis.challenge_window} s challenge window)")
+        summary = {"text": text, "code": code, "report": report, "replay": replay}
+        if keep_running:
+            print("\nmesh running; Ctrl-C to stop. Try: aemctl status --home", nodes[0].home.root)
+            await trio.sleep_forever()
+        nursery.cancel_scope.cancel()
+    return summary
+
+
+async def _quiet(ev: dict) -> None:
+    return None
+
+
+async def _has_ads(node: Node, n: int) -> bool:
+    return len([a for a in node.mesh.ads.values() if a.host != node.key.public]) >= n
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.nodes < 3:
+        raise AemError(errors.BAD_VALUE, "a demo mesh has at least 3 nodes")
+    setup_logging("error")
+    tmp = None
+    if args.dir:
+        root = Path(args.dir).expanduser().absolute()
+        if root.exists() and any(root.iterdir()):
+            raise AemError(errors.REFUSED, f"{root} is not empty")
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="aem-demo-")
+        root = Path(tmp)
+    try:
+        homes, genesis = build_demo(root, args.nodes)
+        trio.run(run_demo, homes, genesis, args.prompt, args.keep_running)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0

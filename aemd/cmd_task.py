@@ -1,0 +1,261 @@
+"""`aemctl expert add|list|remove`, `aemctl submit-task`, `aemctl trace`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from aemd import control
+from aemd.capsules import LocalCapsule, Serving, list_capsules, remove_capsule, save_capsule
+from aemd.cliutil import add_home, add_json, fmt_credits, print_json
+from aemd.cmd_genesis import parse_credits
+from aemd.home import Home, read_passphrase, resolve_home
+from aemd.identity import load_node
+from crypto.hashing import H
+from protocol import errors
+from protocol.errors import AemError
+from protocol.mesh import ExpertCapsuleManifest
+from protocol.task import MAX_PATCH, MAX_REPO_TAR
+
+CODE_PATCH_ARTEFACT = b"aem code-patch verifier v1"
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home(resolve_home(args.home))
+
+
+def register_ctl(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("expert", help="manage the expert capsules this node hosts",
+                       description="Add, list and remove the expert capsules this node serves. "
+                                   "A running node starts (or stops) advertising them at once.")
+    esub = e.add_subparsers(title="expert commands", metavar="COMMAND")
+
+    p = esub.add_parser(
+        "add", help="host a GGUF model (or the code-patch verifier) as an expert capsule",
+        description="Read a GGUF file's metadata (architecture, parameters, quantisation, context, "
+                    "tensor sizes), hash it, estimate the memory it needs, and write a signed "
+                    "capsule manifest into the node's home. Refused when the estimate exceeds the "
+                    "node's memory envelope (config [capacity], or the machine's RAM).")
+    p.add_argument("file", nargs="?", metavar="FILE.gguf", help="the model file (omit with --code-patch)")
+    p.add_argument("--code-patch", action="store_true",
+                   help="host the code-patch verifier: runs a task's tests on its patch in a sandbox")
+    p.add_argument("--domain", required=True, help="the task domain it serves, e.g. general, python")
+    p.add_argument("--tags", nargs="*", default=[], help="capability tags")
+    p.add_argument("--price", required=True, metavar="CREDITS", help="price per task in credits")
+    p.add_argument("--name", help="a display name (default: the file name)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="tasks served at once (default 1)")
+    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted identity")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=_expert_add)
+
+    p = esub.add_parser("list", help="the capsules this node hosts")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=_expert_list)
+
+    p = esub.add_parser("remove", help="stop hosting a capsule")
+    p.add_argument("capsule", metavar="CAPSULE_ID", help="the capsule id or a unique prefix of it")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=_expert_remove)
+
+    p = sub.add_parser(
+        "submit-task", help="have the mesh do a task, and pay for it",
+        description="Send a task to the best host in the mesh for its domain, print the output as it "
+                    "streams, then the host, the price and the receipt id. The running node signs the "
+                    "task and one spend authorisation; a retry on another host reuses it, so a task "
+                    "is never paid twice.")
+    p.add_argument("--domain", required=True, help="task domain")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text task: the prompt")
+    what.add_argument("--patch", metavar="FILE", help="code-patch task: a unified diff")
+    p.add_argument("--repo", metavar="DIR", help="code-patch task: the repository to patch")
+    p.add_argument("--test-cmd", metavar="CMD", help="code-patch task: the test command, e.g. 'python3 -m unittest'")
+    p.add_argument("--tags", nargs="*", default=[], help="capability tags the host must have")
+    p.add_argument("--max-price", default="1", metavar="CREDITS", help="most you will pay (default 1)")
+    p.add_argument("--max-tokens", type=int, default=128, help="text task: tokens to generate (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="text task: sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="text task: sampling temperature; 0 (default) is deterministic")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="give up after (default 600)")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("trace", help="why a task went where it went",
+                       description="Show the RouteTrace of a task this node routed: candidates and "
+                                   "scores, each attempt and its outcome, the choice.")
+    p.add_argument("task_id", metavar="TASK_ID", help="the task id or a unique prefix (at least 4 hex digits)")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=_trace)
+
+
+def _notify(home: Home) -> bool:
+    try:
+        control.call(home.socket, "reload_capsules", timeout=10)
+        return True
+    except AemError as exc:
+        if exc.code == errors.NO_NODE:
+            return False
+        raise
+
+
+def make_manifest(key, net: bytes, args: argparse.Namespace, cfg: dict) -> tuple[ExpertCapsuleManifest, str]:
+    domain, tags = args.domain, tuple(args.tags)
+    if args.code_patch:
+        if args.file:
+            raise AemError(errors.BAD_VALUE, "--code-patch takes no model file")
+        m = ExpertCapsuleManifest(
+            net=net, author=key.public, name=args.name or f"code-patch verifier ({domain})", kind="code_patch",
+            content_hash=H(CODE_PATCH_ARTEFACT), size_bytes=0, architecture="", n_params=0, quantization="",
+            context_length=0, vram_need_mb=0, domain=domain, tags=tags, eval_claims=(),
+            created_at=int(time.time()), sig=b"")
+        return m.signed(key), ""
+    if not args.file:
+        raise AemError(errors.BAD_VALUE, "give a GGUF file, or --code-patch")
+    from aemd.executors import estimate_memory_mb, inspect_gguf
+    path = Path(args.file).expanduser().resolve()
+    if not path.is_file():
+        raise AemError(errors.NOT_FOUND, f"no file at {path}")
+    print(f"reading {path.name} ...", file=sys.stderr) if sys.stderr.isatty() else None
+    info = inspect_gguf(path)
+    n_ctx = min(cfg["llama"]["n_ctx"], info.context_length or cfg["llama"]["n_ctx"])
+    need = estimate_memory_mb(info, n_ctx)
+    cap = cfg["capacity"]
+    on_gpu = cfg["llama"]["n_gpu_layers"] != 0 and cap["vram_mb"] > 0
+    envelope = cap["vram_mb"] if on_gpu else (cap["ram_mb"] or
+                                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
+    if need > envelope:
+        where = "VRAM" if on_gpu else "RAM"
+        raise AemError(errors.REFUSED, f"{path.name} needs about {need} MB with n_ctx {n_ctx}, "
+                                       f"more than this node's {envelope} MB of {where}")
+    m = ExpertCapsuleManifest(
+        net=net, author=key.public, name=(args.name or path.name)[:200], kind="gguf",
+        content_hash=info.content_hash, size_bytes=info.size_bytes, architecture=info.architecture[:64],
+        n_params=info.n_params, quantization=info.quantization[:32], context_length=info.context_length or 0,
+        vram_need_mb=need, domain=domain, tags=tags, eval_claims=(), created_at=int(time.time()), sig=b"")
+    return m.signed(key), str(path)
+
+
+def _expert_add(args: argparse.Namespace) -> int:
+    home = _home(args)
+    key, genesis, cfg = load_node(home, read_passphrase(args.passphrase_file))
+    if args.max_concurrency < 1:
+        raise AemError(errors.BAD_VALUE, "--max-concurrency must be at least 1")
+    manifest, path = make_manifest(key, genesis.network_id, args, cfg)
+    roles = ("code_patch",) if manifest.kind == "code_patch" else ("inference",)
+    cap = LocalCapsule(manifest, Serving(path=path, price=parse_credits(args.price), roles=roles,
+                                         max_concurrency=args.max_concurrency))
+    save_capsule(home, cap)
+    live = _notify(home)
+    if args.json:
+        print_json({"capsule_id": cap.id, "manifest": manifest.to_map(), "advertised": live})
+    else:
+        print(f"capsule {cap.id.hex()}")
+        print(f"  {manifest.kind} {manifest.name}  domain {manifest.domain}  price {fmt_credits(cap.serving.price)}")
+        if manifest.kind == "gguf":
+            print(f"  {manifest.architecture}, {manifest.n_params:,} parameters, {manifest.quantization}, "
+                  f"needs ~{manifest.vram_need_mb} MB")
+        print("  advertised now" if live else "  will be advertised when the node starts")
+    return 0
+
+
+def _capsule_row(c: LocalCapsule) -> dict:
+    m = c.manifest
+    return {"capsule_id": c.id.hex(), "kind": m.kind, "name": m.name, "domain": m.domain, "tags": list(m.tags),
+            "price": c.serving.price, "path": c.serving.path, "quantization": m.quantization,
+            "n_params": m.n_params, "memory_mb": m.vram_need_mb, "max_concurrency": c.serving.max_concurrency}
+
+
+def _expert_list(args: argparse.Namespace) -> int:
+    caps = list_capsules(_home(args))
+    if args.json:
+        print_json([_capsule_row(c) for c in caps])
+        return 0
+    if not caps:
+        print("no capsules; add one with `aemctl expert add`")
+    for c in caps:
+        r = _capsule_row(c)
+        print(f"{r['capsule_id'][:16]}  {r['kind']:10}  {r['domain']:14}  {fmt_credits(r['price'])} cr  {r['name']}")
+    return 0
+
+
+def _expert_remove(args: argparse.Namespace) -> int:
+    home = _home(args)
+    cap = remove_capsule(home, args.capsule)
+    live = _notify(home)
+    if args.json:
+        print_json({"removed": cap.id, "withdrawn": live})
+    else:
+        print(f"removed {cap.id.hex()}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    home = _home(args)
+    cargs: dict = {"domain": args.domain, "tags": list(args.tags), "max_price": parse_credits(args.max_price)}
+    if args.prompt is not None:
+        if args.repo or args.test_cmd:
+            raise AemError(errors.BAD_VALUE, "--repo and --test-cmd go with --patch, not --prompt")
+        temp = int(round(args.temperature * 1000))
+        cargs.update(kind="text", prompt=args.prompt, max_tokens=args.max_tokens, seed=args.seed,
+                     temperature_milli=temp)
+    else:
+        if not args.repo or not args.test_cmd:
+            raise AemError(errors.BAD_VALUE, "a code-patch task needs --patch, --repo and --test-cmd")
+        from aemd.executors import build_tar
+        patch = Path(args.patch).read_bytes()
+        if len(patch) > MAX_PATCH:
+            raise AemError(errors.TOO_LARGE, f"the patch is larger than {MAX_PATCH} bytes")
+        repo = build_tar(args.repo)
+        if len(repo) > MAX_REPO_TAR:
+            raise AemError(errors.TOO_LARGE, f"the repository is larger than {MAX_REPO_TAR} bytes as a tar")
+        cargs.update(kind="code_patch", patch=patch.decode("utf-8", "replace"), repo_tar=repo,
+                     test_cmd=shlex.split(args.test_cmd))
+
+    def on_event(ev: dict) -> None:
+        if args.json:
+            return
+        if ev["event"] == "chunk" and cargs["kind"] == "text":
+            sys.stdout.write(ev["data"].decode("utf-8", "replace"))
+            sys.stdout.flush()
+        elif ev["event"] == "attempt":
+            print(f"\n[host {ev['host'][:12]} failed: {ev['outcome']} {ev['detail']}; trying the next]",
+                  file=sys.stderr)
+
+    res = control.call(home.socket, "submit_task", cargs, on_event=on_event, timeout=args.timeout)
+    if args.json:
+        out = dict(res)
+        out["output"] = res["output"].decode("utf-8", "replace")
+        print_json(out)
+        return 0
+    if cargs["kind"] == "code_patch":
+        print(res["output"].decode("utf-8", "replace"))
+    print()
+    print(f"host     {res['peer_id']}")
+    print(f"price    {fmt_credits(res['price'])} credits")
+    print(f"receipt  {res['receipt_id']}")
+    print(f"task     {res['task_id']}")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    t = control.call(_home(args).socket, "trace", {"task_id": args.task_id})
+    if args.json:
+        print_json(t)
+        return 0
+    print(f"task     {t['task_id'].hex()}")
+    print(f"outcome  {t['outcome']}")
+    print("candidates:")
+    for c in t["candidates"]:
+        print(f"  {c['host'].hex()[:16]}  score {c['score']:6}  price {fmt_credits(c['price'])}")
+    print("attempts:")
+    for a in t["attempts"]:
+        print(f"  {a['host'].hex()[:16]}  {a['outcome']:12} {a['elapsed_ms']:6} ms  {a['detail']}")
+    return 0

@@ -1,0 +1,55 @@
+"""The log store as the node's trio code uses it.
+
+The store (``ledger.store.LogStore``) is synchronous SQLite. Every call here
+runs in a worker thread, one at a time behind a trio lock, so verification
+and fsync never stall the event loop and the store sees one caller at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ledger.store import LogStore
+from protocol.genesis import Genesis
+
+
+class StoreAccess:
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+        self._lock = trio.Lock()
+
+    @classmethod
+    def open(cls, path: Path, genesis: Genesis) -> "StoreAccess":
+        return cls(LogStore.open(path, genesis))
+
+    async def _run(self, fn, *args: Any) -> Any:
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def frontiers(self) -> dict[bytes, tuple[int, bytes]]:
+        return await self._run(self.store.frontiers)
+
+    async def range(self, author: bytes, from_seq: int, limit: int) -> list[bytes]:
+        return await self._run(self.store.range, author, from_seq, limit)
+
+    async def insert_batch(self, entries: list[bytes]) -> tuple[int, int]:
+        return await self._run(self.store.insert_batch, entries)
+
+    async def append_local(self, key, obj, ts: int):
+        return await self._run(self.store.append_local, key, obj, ts)
+
+    async def max_lamport(self) -> int:
+        return await self._run(self.store.max_lamport)
+
+    async def count(self) -> int:
+        return await self._run(self.store.count)
+
+    async def replay(self, as_of: int) -> dict:
+        return await self._run(self.store.replay_summary, as_of)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self.store.close)

@@ -1,0 +1,82 @@
+"""Messages of the task stream (specs/task-protocol.md).
+
+One task per stream: the payer's node sends a TaskRequest; the host answers
+TaskRefused, or TaskAccepted, then output chunks as they are produced, then
+TaskResult carrying the full output and the host-signed receipt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol import canonical, errors
+from protocol.errors import AemError
+from protocol.schema import HASH, Bytes, Obj, Str, UInt, WireObject, f, AMOUNT, TEXT
+from protocol.task import InferenceWorkReceipt, SpendAuthorization, TaskPacket
+
+MAX_CHUNK = 16384
+MAX_OUTPUT = 1 << 20
+PROTOCOL_VERSION = 1
+
+
+def task_protocol_id(network_id: bytes) -> str:
+    return f"/aem/{network_id.hex()}/task/{PROTOCOL_VERSION}"
+
+
+@dataclass(frozen=True)
+class TaskRequest(WireObject):
+    TYPE = "task_req"
+    MAX_SIZE = TaskPacket.MAX_SIZE + SpendAuthorization.MAX_SIZE + 256
+    capsule_id: bytes = f(HASH)
+    task: TaskPacket = f(Obj(TaskPacket))
+    spend_auth: SpendAuthorization = f(Obj(SpendAuthorization))
+
+    def _validate(self) -> None:
+        a, t = self.spend_auth, self.task
+        if a.task_hash != t.id or a.payer != t.payer or a.net != t.net:
+            raise AemError(errors.BAD_VALUE, "task_req: spend_auth does not authorise this task")
+
+
+@dataclass(frozen=True)
+class TaskRefused(WireObject):
+    TYPE = "task_refused"
+    MAX_SIZE = 1024
+    code: str = f(Str(32))
+    detail: str = f(TEXT)
+
+
+@dataclass(frozen=True)
+class TaskAccepted(WireObject):
+    TYPE = "task_accepted"
+    MAX_SIZE = 128
+    price: int = f(AMOUNT)
+
+
+@dataclass(frozen=True)
+class TaskChunk(WireObject):
+    TYPE = "chunk"
+    MAX_SIZE = MAX_CHUNK + 64
+    data: bytes = f(Bytes(max_len=MAX_CHUNK))
+
+
+@dataclass(frozen=True)
+class TaskResult(WireObject):
+    TYPE = "task_result"
+    MAX_SIZE = MAX_OUTPUT + InferenceWorkReceipt.MAX_SIZE + 256
+    output: bytes = f(Bytes(max_len=MAX_OUTPUT))
+    tokens_out: int = f(UInt())
+    receipt: InferenceWorkReceipt = f(Obj(InferenceWorkReceipt))
+
+
+REPLIES = {c.TYPE: c for c in (TaskRefused, TaskAccepted, TaskChunk, TaskResult)}
+MAX_REPLY = TaskResult.MAX_SIZE
+
+
+def decode_reply(data: bytes) -> WireObject:
+    m = canonical.decode(data, MAX_REPLY)
+    cls = REPLIES.get(m.get("type")) if isinstance(m, dict) else None
+    if cls is None:
+        raise AemError(errors.WRONG_OBJECT, "not a task reply")
+    if len(data) > cls.MAX_SIZE:
+        raise AemError(errors.TOO_LARGE, f"{cls.TYPE}: over its size limit")
+    return cls.from_map(m)

@@ -1,0 +1,156 @@
+"""Real `aemd start` processes on 127.0.0.1 for multi-node tests.
+
+A Mesh makes a fresh network (genesis with grants for every node), one home
+per node, and starts each node as its own OS process. Every wait is bounded
+(polling the node's control socket), and `close()` stops every process it
+started, so a failing test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from aemd import control
+from aemd.home import Home
+from aemd.identity import atomic_write, init_home
+from crypto.keys import SigningKey
+from crypto.keystore import read_keystore
+from protocol.errors import AemError
+from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
+
+BIN = Path(sys.executable).parent
+FAST_CONFIG = """\
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+log_level = "info"
+[gossip]
+card_interval_s = 2
+card_ttl_s = 60
+[sync]
+interval_s = 2
+[llama]
+n_ctx = 512
+n_threads = 1
+task_timeout_s = 120
+[codepatch]
+timeout_s = 30
+"""
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.25) -> Any:
+    """Poll ``fn`` until it returns a truthy value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except AemError as exc:
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+class NodeProc:
+    def __init__(self, home: Home, log_path: Path) -> None:
+        self.home = home
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.peer_id = ""
+        self.addr = ""
+        self.key = read_keystore(home.keystore)
+
+    @property
+    def account(self) -> bytes:
+        return self.key.public
+
+    def start(self, bootstrap: list[str] = (), extra: list[str] = ()) -> "NodeProc":
+        args = [str(BIN / "aemd"), "start", "--home", str(self.home.root)]
+        for b in bootstrap:
+            args += ["--bootstrap", b]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise AssertionError(f"aemd exited early: {self.log_path.read_text()[-3000:]}")
+            if line.startswith("peer id"):
+                self.peer_id = line.split()[-1]
+            if line.startswith("listen"):
+                self.addr = line.split()[-1]
+            if line.startswith("control"):
+                return self
+        raise AssertionError("aemd did not start in 60 s")
+
+    def call(self, cmd: str, args: dict | None = None, **kw) -> Any:
+        return control.call(self.home.socket, cmd, args or {}, **kw)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc = None
+        return rc
+
+    def stop(self) -> int:
+        return self.kill(signal.SIGTERM)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Mesh:
+    def __init__(self, root: Path, n: int, *, grant: int = 1_000_000_000, challenge_window: int = 3600,
+                 config: str = FAST_CONFIG, extra_grants: dict[bytes, int] | None = None) -> None:
+        self.root = root
+        self.verifier = SigningKey.generate()
+        homes = [Home(root / f"n{i}") for i in range(n)]
+        keys = [init_home(h, None, None) for h in homes]
+        founder = SigningKey.generate()
+        grants = {k.public: grant for k in keys}
+        grants.update(extra_grants or {})
+        self.genesis = Genesis(
+            network_name="testnet", created_at=int(time.time()) - 10, founder=founder.public,
+            verifiers=(self.verifier.public,), quorum=1,
+            grants=tuple(Grant(account=a, amount=grants[a]) for a in sorted(grants)),
+            challenge_window=challenge_window,
+            mint_rates=(MintRate(basis="accepted_delta", micro_per_unit=10_000),),
+            max_mint_per_receipt=10**12, limits=DEFAULT_LIMITS, sig=b"").signed(founder)
+        gfile = root / "genesis.aem"
+        atomic_write(gfile, self.genesis.encode())
+        for h in homes:
+            init_home(h, gfile, None)
+            atomic_write(h.config, config.encode())
+        self.nodes = [NodeProc(h, root / f"n{i}.log") for i, h in enumerate(homes)]
+
+    def start_line(self, count: int | None = None) -> None:
+        """Start nodes one after another, each bootstrapping to the one before."""
+        prev = None
+        for node in self.nodes[:count]:
+            node.start([prev.addr] if prev else [])
+            prev = node
+
+    def close(self) -> None:
+        for n in self.nodes:
+            if n.running:
+                n.kill(signal.SIGTERM)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.log_path.name}\n{n.log_path.read_text()[-4000:]}"
+                         for n in self.nodes if n.log_path.exists())
