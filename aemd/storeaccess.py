@@ -12,7 +12,10 @@ from typing import Any
 
 import trio
 
-from ledger.store import LogStore
+from aemd.cliutil import to_jsonable
+from ledger.state import SETTLED, VOIDED
+from ledger.store import LogStore, Status
+from protocol import errors
 from protocol.genesis import Genesis
 
 
@@ -36,7 +39,12 @@ class StoreAccess:
         return await self._run(self.store.range, author, from_seq, limit)
 
     async def insert_batch(self, entries: list[bytes]) -> tuple[int, int]:
-        return await self._run(self.store.insert_batch, entries)
+        """Insert entries from a peer: (newly stored, rejected as invalid).
+        A refusal for lack of room (REFUSED) is not the peer's fault."""
+        results = await self._run(self.store.insert_many, entries)
+        added = sum(1 for r in results if r.stored)
+        bad = sum(1 for r in results if r.status is Status.REJECTED and r.code != errors.REFUSED)
+        return added, bad
 
     async def append_local(self, key, obj, ts: int):
         return await self._run(self.store.append_local, key, obj, ts)
@@ -48,7 +56,33 @@ class StoreAccess:
         return await self._run(self.store.count)
 
     async def replay(self, as_of: int) -> dict:
-        return await self._run(self.store.replay_summary, as_of)
+        """The replay as `aemctl ledger-replay --json` prints it, without events."""
+        res = await self._run(self.store.replay, as_of)
+        out = res.to_json()
+        out.pop("events", None)
+        return to_jsonable(out)
+
+    async def payer_funds(self, payer: bytes, spend_key: bytes, as_of: int) -> int | None:
+        """The payer's available balance, or None when the spend key has
+        already been charged (a host would never be paid for it)."""
+        res = await self._run(self.store.replay, as_of)
+        if payer + spend_key in res.checkpoint.state.spent:
+            return None
+        return res.balances.get(payer, (0, 0))[0]
+
+    async def reputation(self, as_of: int) -> dict:
+        """Per host: receipts settled (or due) and receipts voided by a challenge."""
+        from aemd.router import Reputation
+        res = await self._run(self.store.replay, as_of)
+        st = res.checkpoint.state
+        counts: dict[bytes, list[int]] = {}
+        for rid, (host, _payer, _amount, settle_at, status) in st.receipts.items():
+            c = counts.setdefault(host, [0, 0])
+            if status == VOIDED or rid in st.challenged:
+                c[1] += 1
+            elif status == SETTLED or settle_at <= as_of:
+                c[0] += 1
+        return {h: Reputation(settled=s, challenged=ch) for h, (s, ch) in counts.items()}
 
     async def close(self) -> None:
         async with self._lock:
