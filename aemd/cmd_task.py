@@ -233,6 +233,7 @@ def _submit(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(res)
         out["output"] = res["output"].decode("utf-8", "replace")
+        out["output_hex"] = res["output"].hex()       # the exact bytes the receipt hashes
         print_json(out)
         return 0
     if cargs["kind"] == "code_patch":

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from aemd.cliutil import run_main
 
-COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task"]
+COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task", "aemd.cmd_ledger"]
 
 
 def build_parser() -> argparse.ArgumentParser:

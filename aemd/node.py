@@ -434,6 +434,7 @@ class Node:
             "cards_known": len(self.mesh.cards),
             "ads_known": len(self.mesh.ads),
             "capsules": len(self.capsules),
+            "load": self.load,
             "sync_sessions": self.sync_sessions,
             "penalties": {k: round(v, 3) for k, v in self.p2p.penalties().items()},
             "banned": self.p2p.banned(),

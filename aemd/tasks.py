@@ -193,16 +193,22 @@ class TaskService:
         auth = SpendAuthorization(net=node.net, payer=node.key.public, spend_key=os.urandom(32),
                                   task_hash=task.id, max_charge=task.max_price,
                                   expires_at=now + SPEND_AUTH_TTL_S, sig=b"").signed(node.key)
-        funds = await node.store.payer_funds(node.key.public, auth.spend_key, now)
-        if funds is not None and funds < 1 and task.max_price > 0:
-            raise AemError(errors.REFUSED, "this node's account has no credits to pay with")
         reputation = await node.store.reputation(now)
         ranked = router.rank(list(node.mesh.ads.values()), task, cards=node.mesh.cards,
                              reputation=reputation, self_key=node.key.public, now=now,
                              locality=str(node.opts.capacity.get("locality", "")))
+        if not ranked:
+            raise AemError(errors.NOT_FOUND,
+                           f"no host in the mesh serves {task.kind} tasks in domain {task.domain!r}"
+                           f" at a price up to {task.max_price}")
+        funds = await node.store.payer_funds(node.key.public, auth.spend_key, now) or 0
+        cheapest = min(c.price for _, c in ranked)
+        if funds < cheapest:
+            raise AemError(errors.REFUSED, f"not enough credits: {funds} micro-credits available, "
+                                           f"the cheapest host asks {cheapest}")
         candidates = tuple(c for _, c in ranked)
         attempts: list[Attempt] = []
-        outcome, chosen, receipt, result = "no_host", b"", None, None
+        outcome, chosen, receipt, result = "all_failed", b"", None, None
         await emit({"event": "task", "task_id": task.id.hex(), "candidates": len(candidates)})
         for ad, cand in ranked[:MAX_ATTEMPTS]:
             t0 = time.monotonic()
@@ -219,18 +225,13 @@ class TaskService:
             outcome, chosen, receipt = "ok", ad.host, result.receipt
             break
         else:
-            if ranked:
-                outcome = "all_failed"
+            outcome = "all_failed"
         trace = RouteTrace(net=node.net, router=node.key.public, task_id=task.id, candidates=candidates,
                            attempts=tuple(attempts), chosen=chosen, outcome=outcome,
                            receipt_id=receipt.id if receipt else b"", created_at=node.now(),
                            sig=b"").signed(node.key)
         await trio.to_thread.run_sync(self.traces.put, trace)
         if receipt is None:
-            if not ranked:
-                raise AemError(errors.NOT_FOUND,
-                               f"no host in the mesh serves {task.kind} tasks in domain {task.domain!r}"
-                               f" at a price up to {task.max_price}")
             raise AemError(errors.UNAVAILABLE,
                            f"all {len(attempts)} hosts failed; see `aemctl trace {task.id.hex()}`")
         ack = ReceiptAck(net=node.net, payer=node.key.public, receipt_id=receipt.id, accepted=True,

@@ -28,26 +28,44 @@ INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 
 
-def _check(value: Any, depth: int) -> None:
+def _scan(value: Any, depth: int) -> bool:
+    """Refuse what has no canonical form (raising AemError on the first
+    offending item, depth first, in the value's own order) and report whether
+    every map's keys are already in canonical order.
+
+    Key order is compared on the str values: for Unicode scalar values, code
+    point order is UTF-8 byte order. (A str holding a lone surrogate has no
+    UTF-8 form, and msgpack refuses it when packing, whatever its position.)
+    """
     if depth > MAX_DEPTH:
         raise AemError(errors.TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
     t = type(value)
-    if t is bool or t is bytes or t is str:
-        return
+    if t is bytes or t is str or t is bool:
+        return True
     if t is int:
         if not INT_MIN <= value <= INT_MAX:
             raise AemError(errors.BAD_VALUE, "integer outside the 64-bit range")
-        return
-    if t is list:
-        for item in value:
-            _check(item, depth + 1)
-        return
+        return True
+    in_order = True
     if t is dict:
+        prev = None
         for key, item in value.items():
             if type(key) is not str:
                 raise AemError(errors.BAD_TYPE, "map keys must be strings")
-            _check(item, depth + 1)
-        return
+            if prev is not None and key <= prev:
+                in_order = False
+            prev = key
+            ti = type(item)
+            if (ti is bytes or ti is str or ti is bool) and depth < MAX_DEPTH:
+                continue  # a leaf within the depth limit: nothing to check
+            if not _scan(item, depth + 1):
+                in_order = False
+        return in_order
+    if t is list:
+        for item in value:
+            if not _scan(item, depth + 1):
+                in_order = False
+        return in_order
     if t is float:
         raise AemError(errors.FLOAT_FORBIDDEN, "floats are not allowed")
     raise AemError(errors.BAD_TYPE, f"type {t.__name__} has no canonical form")
@@ -66,7 +84,8 @@ def _sorted(value: Any) -> Any:
 
 def encode(value: Any) -> bytes:
     """Return the canonical bytes of ``value`` or raise AemError."""
-    _check(value, 0)
+    if _scan(value, 0):
+        return msgpack.packb(value, use_bin_type=True)
     return msgpack.packb(_sorted(value), use_bin_type=True)
 
 
@@ -94,10 +113,12 @@ def decode(data: bytes, max_size: int) -> Any:
         raise AemError(errors.TRAILING_BYTES, "bytes after the value") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise AemError(errors.BAD_ENCODING, f"not msgpack: {type(exc).__name__}") from None
+    # Equivalent to comparing encode(value) with the input, without building
+    # a sorted copy: a map out of order can only re-encode differently.
     try:
-        again = encode(value)
+        in_order = _scan(value, 0)
     except RecursionError:
         raise AemError(errors.TOO_DEEP, "nesting too deep") from None
-    if again != data:
+    if not in_order or msgpack.packb(value, use_bin_type=True) != data:
         raise AemError(errors.NOT_CANONICAL, "re-encoding gives different bytes")
     return value

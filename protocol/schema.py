@@ -204,6 +204,31 @@ def f(kind: Kind) -> Any:
     return dataclasses.field(metadata={"kind": kind})
 
 
+class _Plan:
+    """What a wire class's schema implies, computed once per class: the field
+    checks with their error locations, the exact key set, and the canonical
+    key order of its map."""
+
+    __slots__ = ("checks", "expected", "dump", "direct")
+
+    def __init__(self, cls: type) -> None:
+        where = cls.TYPE or cls.__name__
+        schema = cls._schema()
+        self.checks = tuple((name, kind, f"{where}.{name}") for name, kind in schema)
+        keys = [name for name, _ in schema] + (["type", "version"] if cls.TYPE else [])
+        self.expected = frozenset(keys)
+        kinds = dict(schema)
+        self.dump = tuple(
+            (k, kinds.get(k), k in kinds and type(kinds[k]).dump is Kind.dump)
+            for k in sorted(keys, key=lambda k: k.encode()))
+        # from_map may set the fields itself only when construction is the
+        # plain dataclass __init__ followed by WireObject.__post_init__.
+        self.direct = (dataclasses.is_dataclass(cls)
+                       and all(fl.init for fl in dataclasses.fields(cls))
+                       and "__init__" in cls.__dict__
+                       and cls.__post_init__ is WireObject.__post_init__)
+
+
 class WireObject:
     """Base of every wire object and record. Subclasses are frozen dataclasses."""
 
@@ -220,10 +245,19 @@ class WireObject:
             cls._fields_cache = s
         return s
 
+    @classmethod
+    def _plan(cls) -> _Plan:
+        """Per-class tables derived once from the schema (performance only:
+        they hold nothing that the schema does not already say)."""
+        p = cls.__dict__.get("_plan_cache")
+        if p is None:
+            p = _Plan(cls)
+            cls._plan_cache = p
+        return p
+
     def __post_init__(self) -> None:
-        where = self.TYPE or type(self).__name__
-        for name, kind in self._schema():
-            object.__setattr__(self, name, kind.check(getattr(self, name), f"{where}.{name}"))
+        for name, kind, where in self._plan().checks:
+            object.__setattr__(self, name, kind.check(getattr(self, name), where))
         self._validate()
 
     def _validate(self) -> None:
@@ -232,10 +266,14 @@ class WireObject:
     # -- maps and bytes ------------------------------------------------------
 
     def to_map(self) -> dict:
-        m = {name: kind.dump(getattr(self, name)) for name, kind in self._schema()}
-        if self.TYPE:
-            m["type"] = self.TYPE
-            m["version"] = self.VERSION
+        # Keys come out in canonical order, so canonical.encode need not re-sort.
+        m = {}
+        for key, kind, plain in self._plan().dump:
+            if kind is None:
+                m[key] = self.TYPE if key == "type" else self.VERSION
+            else:
+                v = getattr(self, key)
+                m[key] = v if plain else kind.dump(v)
         return m
 
     @classmethod
@@ -243,25 +281,38 @@ class WireObject:
         where = where or cls.TYPE or cls.__name__
         if type(m) is not dict:
             raise _bad_type(where, "map", m)
-        expected = {name for name, _ in cls._schema()}
+        plan = cls._plan()
+        expected = plan.expected
         if cls.TYPE:
             if m.get("type") != cls.TYPE:
                 raise AemError(errors.WRONG_OBJECT, f"{where}: type is {m.get('type')!r}, expected {cls.TYPE!r}")
             if m.get("version") != cls.VERSION:
                 raise AemError(errors.WRONG_OBJECT, f"{where}: unsupported version {m.get('version')!r}")
-            expected |= {"type", "version"}
-        unknown = set(m) - expected
-        if unknown:
-            raise AemError(errors.UNKNOWN_FIELD, f"{where}: unknown field {sorted(unknown)[0]!r}")
-        missing = expected - set(m)
-        if missing:
-            raise AemError(errors.MISSING_FIELD, f"{where}: missing field {sorted(missing)[0]!r}")
-        return cls(**{name: m[name] for name, _ in cls._schema()})
+        if m.keys() != expected:
+            unknown = set(m) - expected
+            if unknown:
+                raise AemError(errors.UNKNOWN_FIELD, f"{where}: unknown field {sorted(unknown)[0]!r}")
+            missing = expected - set(m)
+            if missing:
+                raise AemError(errors.MISSING_FIELD, f"{where}: missing field {sorted(missing)[0]!r}")
+        if not plan.direct:
+            return cls(**{name: m[name] for name, _ in cls._schema()})
+        # The same checks, in the same order, as cls(**fields) followed by
+        # __post_init__, without building the object twice.
+        obj = object.__new__(cls)
+        for name, kind, fwhere in plan.checks:
+            object.__setattr__(obj, name, kind.check(m[name], fwhere))
+        obj._validate()
+        return obj
 
     def encode(self) -> bytes:
-        data = canonical.encode(self.to_map())
-        if len(data) > self.MAX_SIZE:
-            raise AemError(errors.TOO_LARGE, f"{self.TYPE}: {len(data)} bytes > {self.MAX_SIZE}")
+        # Objects are immutable, so their canonical bytes are computed once.
+        data = self.__dict__.get("_canonical")
+        if data is None:
+            data = canonical.encode(self.to_map())
+            if len(data) > self.MAX_SIZE:
+                raise AemError(errors.TOO_LARGE, f"{self.TYPE}: {len(data)} bytes > {self.MAX_SIZE}")
+            object.__setattr__(self, "_canonical", data)
         return data
 
     @classmethod
@@ -269,9 +320,14 @@ class WireObject:
         """Strictly decode canonical bytes; only AemError can leave here."""
         m = canonical.decode(data, cls.MAX_SIZE)
         try:
-            return cls.from_map(m)
+            obj = cls.from_map(m)
         except RecursionError:  # pragma: no cover - bounded by canonical.MAX_DEPTH
             raise AemError(errors.TOO_DEEP, "nesting too deep") from None
+        if type(data) is bytes:
+            # canonical.decode proved that these bytes are the encoding of m,
+            # and to_map() of the object is m again: remember them.
+            object.__setattr__(obj, "_canonical", data)
+        return obj
 
     @property
     def id(self) -> bytes:

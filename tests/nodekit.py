@@ -39,7 +39,7 @@ n_ctx = 512
 n_threads = 1
 task_timeout_s = 120
 [codepatch]
-timeout_s = 30
+timeout_s = 10
 """
 
 
@@ -117,13 +117,14 @@ class NodeProc:
 
 class Mesh:
     def __init__(self, root: Path, n: int, *, grant: int = 1_000_000_000, challenge_window: int = 3600,
-                 config: str = FAST_CONFIG, extra_grants: dict[bytes, int] | None = None) -> None:
+                 config: str = FAST_CONFIG, extra_grants: dict[bytes, int] | None = None,
+                 unfunded: tuple[int, ...] = ()) -> None:
         self.root = root
         self.verifier = SigningKey.generate()
         homes = [Home(root / f"n{i}") for i in range(n)]
         keys = [init_home(h, None, None) for h in homes]
         founder = SigningKey.generate()
-        grants = {k.public: grant for k in keys}
+        grants = {k.public: 0 if i in unfunded else grant for i, k in enumerate(keys)}
         grants.update(extra_grants or {})
         self.genesis = Genesis(
             network_name="testnet", created_at=int(time.time()) - 10, founder=founder.public,

@@ -1,0 +1,196 @@
+"""Tasks end to end on real nodes: routing, llama.cpp on a GGUF the test
+writes, the sandboxed code-patch verifier, payment on every node's ledger,
+retries when a host dies, refusals."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aemd.executors import FIXTURE_TEST_COMMAND, TINY_MODEL, fixture_patch, write_tiny_llama_gguf
+from protocol.errors import AemError
+from tests.nodekit import BIN, Mesh, wait_for
+
+PROMPT = "Once upon a time"
+GRANT = 1_000_000_000
+NOTE_PATCH = "--- /dev/null\n+++ b/note.txt\n@@ -0,0 +1 @@\n+slow tests ahead\n"
+
+
+def aemctl(home, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "aemctl"), *args, "--home", str(home.root)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def add_expert(node, *args: str) -> str:
+    out = aemctl(node.home, "expert", "add", *args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["capsule_id"]
+
+
+def replays(nodes) -> list[dict]:
+    return [n.call("ledger_replay") for n in nodes]
+
+
+def agree(nodes, entries: int):
+    def check():
+        rs = replays(nodes)
+        return all(r["entries"] == entries for r in rs) and len({r["state_root"] for r in rs}) == 1 and rs
+    return check
+
+
+@pytest.fixture(scope="module")
+def task_mesh(tmp_path_factory):
+    """n0 pays; n1 hosts a tiny llama GGUF; n2 and n3 host the code-patch verifier
+    (n2 cheaper, so it is tried first); n4 has no credits."""
+    root = tmp_path_factory.mktemp("tasks")
+    model = write_tiny_llama_gguf(root / "tiny.gguf", **TINY_MODEL)
+    mesh = Mesh(root, 5, grant=GRANT, unfunded=(4,))
+    p, h, c1, c2, poor = mesh.nodes
+    add_expert(h, str(model), "--domain", "general", "--price", "0.5")
+    add_expert(c1, "--code-patch", "--domain", "python", "--price", "0.2")
+    add_expert(c2, "--code-patch", "--domain", "python", "--price", "0.3")
+    mesh.start_line()
+    try:
+        wait_for("ads at every node", lambda: all(len(n.call("ads")) == 3 for n in mesh.nodes), timeout=90)
+        yield mesh, model
+    except BaseException:
+        print(mesh.logs())
+        raise
+    finally:
+        mesh.close()
+
+
+def test_text_task_output_equals_llama_cpp_and_is_paid(task_mesh):
+    mesh, model = task_mesh
+    p, h = mesh.nodes[:2]
+    out = aemctl(p.home, "submit-task", "--domain", "general", "--prompt", PROMPT, "--max-tokens", "24",
+                 "--seed", "3", "--max-price", "1", "--json")
+    assert out.returncode == 0, out.stderr + mesh.logs()
+    res = json.loads(out.stdout)
+    assert res["host"] == h.account.hex()
+    assert res["price"] == 500_000
+
+    # The same model, prompt and seed through llama-cpp-python directly.
+    from aemd.executors.llama import no_extra_bufts
+    import llama_cpp
+    with no_extra_bufts():
+        llm = llama_cpp.Llama(model_path=str(model), n_ctx=512, n_threads=1, seed=3, verbose=False)
+    direct = llm.create_completion(PROMPT, max_tokens=24, temperature=0, seed=3)
+    llm.close()
+    output = bytes.fromhex(res["output_hex"])
+    # llama-cpp-python's text drops the invalid UTF-8 that random weights emit; the bytes are the receipt's.
+    assert output.decode("utf-8", "ignore") == direct["choices"][0]["text"]
+    assert len(direct["choices"][0]["text"]) > 10
+    assert res["tokens_out"] == direct["usage"]["completion_tokens"]
+
+    # Every node replays the receipt (host log) and the ack (payer log) alike.
+    rs = wait_for("the receipt on every node", agree(mesh.nodes, 2), timeout=90)
+    bal = rs[0]["balances"]
+    assert bal[p.account.hex()] == {"available": GRANT - 500_000, "pending": 0}
+    assert bal[h.account.hex()] == {"available": GRANT, "pending": 500_000}
+
+    trace = aemctl(p.home, "trace", res["task_id"][:12], "--json")
+    assert trace.returncode == 0, trace.stderr
+    t = json.loads(trace.stdout)
+    assert t["outcome"] == "ok" and t["chosen"] == h.account.hex() and t["receipt_id"] == res["receipt_id"]
+
+
+def _code_task(node, patch: str, repo: Path | None = None, test_cmd: str | None = None):
+    from aemd.executors.fixtures import fixture_dir
+    patch_file = node.home.root / "task.patch"
+    patch_file.write_text(patch)
+    out = aemctl(node.home, "submit-task", "--domain", "python", "--patch", str(patch_file),
+                 "--repo", str(repo or fixture_dir() / "repo"),
+                 "--test-cmd", test_cmd or shlex.join(FIXTURE_TEST_COMMAND), "--max-price", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    return res, json.loads(res["output"])
+
+
+def test_code_patch_reports_and_hostile_patches(task_mesh, tmp_path):
+    mesh, _ = task_mesh
+    p = mesh.nodes[0]
+    res, report = _code_task(p, fixture_patch("good"))
+    assert report["outcome"] == "passed" and report["patch_applied"]
+    assert res["host"] == mesh.nodes[2].account.hex()          # the cheaper verifier
+    _, report = _code_task(p, fixture_patch("bad"))
+    assert report["outcome"] == "failed"
+
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(0.1)
+    port = srv.getsockname()[1]
+    token = f"t{time.monotonic_ns()}"
+    try:
+        _, report = _code_task(p, fixture_patch("net", port=port))
+        assert report["outcome"] != "passed"
+        with pytest.raises(OSError):
+            srv.accept()                              # nothing reached the host's listener
+    finally:
+        srv.close()
+    _, report = _code_task(p, fixture_patch("escape", token=token))
+    assert not Path(f"/tmp/aem-escape-{token}").exists()
+    assert not Path(f"/var/tmp/aem-escape-{token}").exists()
+    _, report = _code_task(p, fixture_patch("forkbomb"))
+    assert report["outcome"] in ("failed", "killed", "timeout", "error")
+    _, report = _code_task(p, fixture_patch("infinite"))
+    assert report["outcome"] in ("timeout", "killed")
+    # The host still serves after all that.
+    _, report = _code_task(p, fixture_patch("good"))
+    assert report["outcome"] == "passed"
+
+
+def test_refusals_are_clear_and_quick(task_mesh):
+    mesh, _ = task_mesh
+    p, poor = mesh.nodes[0], mesh.nodes[4]
+    out = aemctl(p.home, "submit-task", "--domain", "astrology", "--prompt", "hi", "--json")
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr and "astrology" in out.stderr
+    before = replays([poor])[0]["entries"]
+    out = aemctl(poor.home, "submit-task", "--domain", "general", "--prompt", "hi", "--max-price", "1")
+    assert out.returncode == 1 and "REFUSED" in out.stderr and "credits" in out.stderr
+    assert replays([poor])[0]["entries"] == before
+
+
+def test_host_killed_mid_task_retries_and_charges_once(task_mesh, tmp_path):
+    mesh, _ = task_mesh
+    p, h, c1, c2, _ = mesh.nodes
+    repo = tmp_path / "slow"
+    repo.mkdir()
+    (repo / "test_slow.py").write_text(
+        "import time, unittest\n\nclass T(unittest.TestCase):\n"
+        "    def test_slow(self):\n        time.sleep(4)\n")
+    wait_for("earlier receipts everywhere", lambda: len({(r["entries"], r["state_root"])
+                                                         for r in replays(mesh.nodes)}) == 1, timeout=90)
+    before = p.call("ledger_replay")["balances"][p.account.hex()]["available"]
+    result: dict = {}
+
+    def submit():
+        try:
+            result["res"] = _code_task(p, NOTE_PATCH, repo=repo, test_cmd="python -m unittest -q")
+        except BaseException as exc:      # surfaced below
+            result["exc"] = exc
+
+    th = threading.Thread(target=submit)
+    th.start()
+    wait_for("the cheaper host to be working", lambda: c1.call("status")["load"] > 0, timeout=60, every=0.1)
+    c1.kill()
+    th.join(timeout=240)
+    assert "exc" not in result, result.get("exc")
+    res, report = result["res"]
+    assert res["host"] == c2.account.hex() and res["attempts"] == 2
+    assert report["outcome"] == "passed"
+    alive = [n for n in mesh.nodes if n.running]
+    rs = wait_for("the retry's receipt everywhere", lambda: len({r["state_root"] for r in replays(alive)}) == 1
+                  and all(r["balances"][p.account.hex()]["available"] == before - 300_000 for r in replays(alive))
+                  and replays(alive), timeout=90)
+    assert rs[0]["balances"][c2.account.hex()]["pending"] >= 300_000
+    c1.start([c2.addr])
