@@ -11,7 +11,7 @@ shown to agree on the state root, the payer debited and the hosts pending.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import shutil
 import tempfile
 import time
@@ -22,10 +22,9 @@ import trio
 from aemd.capsules import LocalCapsule, Serving, save_capsule
 from aemd.cliutil import fmt_credits
 from aemd.cmd_node import setup_logging
-from aemd.config import TEMPLATE, load_config
+from aemd.config import TEMPLATE
 from aemd.home import Home
 from aemd.identity import atomic_write, init_home
-from aemd.node import Node, NodeOptions
 from crypto.hashing import H
 from crypto.keys import SigningKey
 from protocol import errors
@@ -141,9 +140,10 @@ async def _wait(what: str, check, timeout: float = 60.0) -> None:
 
 async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_running: bool) -> dict:
     from aemd import services
+    from aemd.node import Node, NodeOptions
     from aemd.executors import FIXTURE_TEST_COMMAND, fixture_patch, fixture_repo_tar
     from aemd.identity import load_node
-    nodes: list[Node] = []
+    nodes: list = []
     svcs = []
     for h in homes:
         key, g, cfg = load_node(h, None)
@@ -172,12 +172,12 @@ async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_runnin
         print(f"text task, prompt {prompt!r}:")
         text = await svcs[0].submit({"kind": "text", "domain": "general", "prompt": prompt, "max_tokens": 32,
                                      "seed": 7, "max_price": CREDIT}, show)
-        print(f"\n  -> host n1, price {fmt_credits(text['price'])}, receipt {text['receipt_id'][:16]}")
+        print(f"\n  -> host n1, price {fmt_credits(text['price'])}, receipt {text['receipt_id'][:16]}"
+              "  (the demo model has random weights, so its text is noise; a real GGUF works the same way)")
 
         code = await svcs[0].submit({"kind": "code_patch", "domain": "python", "max_price": CREDIT,
                                      "repo_tar": fixture_repo_tar(), "patch": fixture_patch("good"),
                                      "test_cmd": list(FIXTURE_TEST_COMMAND)}, _quiet)
-        import json
         report = json.loads(code["output"])
         print(f"code-patch task (fixture repository, good patch): tests {report['outcome']} "
               f"under {report['isolation']} isolation")
@@ -207,7 +207,7 @@ async def _quiet(ev: dict) -> None:
     return None
 
 
-async def _has_ads(node: Node, n: int) -> bool:
+async def _has_ads(node, n: int) -> bool:
     return len([a for a in node.mesh.ads.values() if a.host != node.key.public]) >= n
 
 

@@ -16,7 +16,6 @@ from aemd.cliutil import add_home, add_json, fmt_credits, print_json
 from aemd.cmd_genesis import parse_credits, parse_key
 from aemd.home import Home, read_passphrase, resolve_home
 from aemd.identity import load_node
-from aemd.node import Node, NodeOptions
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -61,6 +60,7 @@ def _start(args: argparse.Namespace) -> int:
     home = Home(resolve_home(args.home))
     key, genesis, cfg = load_node(home, read_passphrase(args.passphrase_file))
     setup_logging(args.log_level or cfg["node"]["log_level"])
+    from aemd.node import Node, NodeOptions  # libp2p loads only for the daemon, not for aemctl
     node = Node(home, key, genesis, NodeOptions.from_config(cfg, args.listen, args.bootstrap))
     from aemd import services  # task serving: executors, router, task protocol
     services.install(node, cfg)
@@ -68,7 +68,7 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(node: Node) -> None:
+async def _serve(node) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(node.run)

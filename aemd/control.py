@@ -83,8 +83,9 @@ async def serve_control(path: Path, handlers: dict[str, Handler], *,
                 conn = await listener.accept()
                 nursery.start_soon(_serve_one, conn, handlers)
     finally:
-        await listener.aclose()
         path.unlink(missing_ok=True)
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
 
 
 async def _serve_one(conn: trio.SocketStream, handlers: dict[str, Handler]) -> None:

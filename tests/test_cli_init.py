@@ -111,3 +111,22 @@ def test_home_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert resolve_home(None) == tmp_path / "xdg" / "aem"
     assert Home(tmp_path).store.name == "store.sqlite"
+
+
+def test_no_node_running_is_a_clear_message(tmp_path):
+    home = tmp_path / "node"
+    assert run("aemd", "init", "--home", str(home)).returncode == 0
+    for cmd in (["status"], ["peers"], ["ads", "--json"], ["transfer", "--to", "00" * 32, "--amount", "1"],
+                ["submit-task", "--domain", "general", "--prompt", "hi"], ["trace", "abcd"]):
+        out = run("aemctl", *cmd, "--home", str(home))
+        assert out.returncode in (1, 3), (cmd, out.stderr)
+        assert "Traceback" not in out.stderr
+        if cmd[0] in ("status", "peers", "ads", "submit-task", "trace"):
+            assert out.returncode == 3 and "no node is running" in out.stderr
+
+
+def test_start_without_network_says_how_to_join(tmp_path):
+    home = tmp_path / "node"
+    assert run("aemd", "init", "--home", str(home)).returncode == 0
+    out = run("aemd", "start", "--home", str(home))
+    assert out.returncode == 1 and "--genesis" in out.stderr
