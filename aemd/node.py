@@ -53,6 +53,7 @@ class NodeOptions:
     sync_interval_s: float = 30
     sync_batch: int = 512
     max_invalid_per_peer: int = 20
+    mdns: bool = False
     capacity: dict = field(default_factory=dict)
     clock: Callable[[], float] = time.time
 
@@ -66,6 +67,7 @@ class NodeOptions:
             sync_interval_s=cfg["sync"]["interval_s"],
             sync_batch=cfg["sync"]["batch"],
             max_invalid_per_peer=cfg["gossip"]["max_invalid_per_peer"],
+            mdns=cfg["node"]["mdns"],
             capacity=dict(cfg["capacity"]),
         )
 
@@ -162,7 +164,7 @@ class Node:
             self.topics["ads"]: self._validate_ad,
             self.topics["heads"]: self._validate_head,
         }
-        cfg = p2p.P2PConfig(ban_threshold=float(self.opts.max_invalid_per_peer))
+        cfg = p2p.P2PConfig(ban_threshold=float(self.opts.max_invalid_per_peer), enable_mdns=self.opts.mdns)
         async with p2p.open_p2p(self.key.seed, self.opts.listen, validators=validators, config=cfg) as host:
             self.p2p = host
             host.set_stream_handler(self.sync_proto, self._serve_sync, max_concurrent=16)
@@ -181,6 +183,8 @@ class Node:
                 if self.opts.bootstrap:
                     nursery.start_soon(self._keep_bootstrap)
                 nursery.start_soon(self._warm_start)
+                if self.opts.mdns:
+                    nursery.start_soon(self._dial_discovered, host.discovered_peers())
                 self.started.set()
                 task_status.started(self)
                 # Runs until cancelled; the nursery waits for its loops.
@@ -206,6 +210,21 @@ class Node:
                         await self.p2p.connect(addr)
                     except AemError:
                         pass
+
+    async def _dial_discovered(self, found: trio.MemoryReceiveChannel) -> None:
+        """Connect to peers that mDNS finds on the LAN (opt-in: [node] mdns)."""
+        async with found:
+            async for pid, addrs in found:
+                if self.p2p.is_connected(pid):
+                    continue
+                for addr in addrs[:8]:
+                    with trio.move_on_after(5):
+                        try:
+                            await self.p2p.connect(addr)
+                            log.info("mdns: connected to %s", pid)
+                            break
+                        except AemError as exc:
+                            log.info("mdns: %s at %s: %s", pid, addr, exc)
 
     def _remember_peers(self) -> None:
         addrs = []

@@ -273,6 +273,8 @@ class P2PConfig:
     #: Level for the "libp2p" logger tree; None leaves logging alone. CRITICAL
     #: because libp2p logs routine churn at ERROR (see module docstring).
     libp2p_log_level: int | None = logging.CRITICAL
+    #: Announce and discover peers on the LAN with mDNS (zeroconf, UDP 5353).
+    enable_mdns: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -514,6 +516,7 @@ class P2PNode:
         self._conns: dict[ID, dict[int, Any]] = {}
         self._disconnect_waiters: dict[ID, trio.Event] = {}
         self._event_sends: list[trio.MemorySendChannel[PeerEvent]] = []
+        self._discovery_hooks: list[Any] = []
         self.events_dropped = 0
         # Pubsub.
         self._subs: dict[str, Subscription] = {}
@@ -584,6 +587,30 @@ class P2PNode:
         if event is None:
             event = self._disconnect_waiters[pid] = trio.Event()
         await event.wait()
+
+    def discovered_peers(self, buffer: int = 64) -> trio.MemoryReceiveChannel[tuple[str, list[str]]]:
+        """Peers found by mDNS (``P2PConfig.enable_mdns``) as ``(peer_id, dialable
+        multiaddrs)``, until the node closes. libp2p reports them from
+        zeroconf's own thread through a process-wide hook; they are handed
+        to trio here and the hook is removed when the channel closes."""
+        from libp2p.discovery.events.peerDiscovery import peerDiscovery
+        send, recv = trio.open_memory_channel[tuple[str, list[str]]](buffer)
+        token = trio.lowlevel.current_trio_token()
+        own = self._id
+
+        def on_found(info: Any) -> None:
+            if info.peer_id == own:
+                return
+            pid = info.peer_id.to_base58()
+            addrs = [f"{a}/p2p/{pid}" for a in info.addrs if "/p2p/" not in str(a)]
+            try:
+                token.run_sync_soon(_send_or_drop, send, (pid, addrs))
+            except trio.RunFinishedError:
+                pass
+
+        peerDiscovery.register_peer_discovered_handler(on_found)
+        self._discovery_hooks.append((on_found, send))
+        return recv
 
     def peer_events(self, buffer: int | None = None) -> trio.MemoryReceiveChannel[PeerEvent]:
         """A new bounded channel of :class:`PeerEvent`, from now until the node closes.
@@ -969,6 +996,12 @@ class P2PNode:
             raise AemError(UNAVAILABLE, "p2p node is not running")
 
     def _close_channels(self) -> None:
+        if self._discovery_hooks:
+            from libp2p.discovery.events.peerDiscovery import peerDiscovery
+            for hook, send in self._discovery_hooks:
+                peerDiscovery.unregister_peer_discovered_handler(hook)
+                send.close()
+            self._discovery_hooks.clear()
         for send in self._event_sends:
             send.close()
         self._event_sends.clear()
@@ -978,6 +1011,13 @@ class P2PNode:
         for event in self._disconnect_waiters.values():
             event.set()
         self._disconnect_waiters.clear()
+
+
+def _send_or_drop(send: trio.MemorySendChannel, item: Any) -> None:
+    try:
+        send.send_nowait(item)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def _check_topic(topic: str) -> None:
@@ -1043,7 +1083,8 @@ async def open_p2p(
         min_connections=0,
         dial_timeout=cfg.dial_timeout,
     )
-    host = new_host(key_pair=key_pair, connection_config=conn_cfg, listen_addrs=maddrs)
+    host = new_host(key_pair=key_pair, connection_config=conn_cfg, listen_addrs=maddrs,
+                    enable_mDNS=cfg.enable_mdns)
     swarm = host.get_network()
     swarm.retry_config = RetryConfig(max_retries=cfg.dial_retries)
     listeners = _track_listeners(swarm)
