@@ -143,8 +143,22 @@ class TaskService:
     def _limiter(self, cap: LocalCapsule) -> trio.CapacityLimiter:
         lim = self._limiters.get(cap.id)
         if lim is None:
-            lim = self._limiters[cap.id] = trio.CapacityLimiter(cap.serving.max_concurrency)
+            lim = self._limiters[cap.id] = trio.CapacityLimiter(self.concurrency(cap))
         return lim
+
+    def concurrency(self, cap: LocalCapsule) -> int:
+        """Tasks run at once on a capsule: its configured maximum, and for a
+        model no more than fit in the node's memory envelope (VRAM when
+        layers are offloaded, else RAM) at the manifest's estimate each."""
+        n = cap.serving.max_concurrency
+        need = cap.manifest.vram_need_mb
+        if cap.manifest.kind == "gguf" and need > 0:
+            from aemd.executors import concurrency_from_memory
+            capacity = self.node.opts.capacity
+            on_gpu = self.cfg["llama"]["n_gpu_layers"] != 0 and capacity.get("vram_mb", 0) > 0
+            envelope = capacity.get("vram_mb", 0) if on_gpu else (capacity.get("ram_mb") or _ram_mb())
+            n = min(n, concurrency_from_memory(int(envelope), int(need)))
+        return max(1, n)
 
     async def _execute(self, cap: LocalCapsule, task: TaskPacket, stream) -> tuple[bytes, int]:
         if task.kind == "code_patch":
@@ -279,6 +293,10 @@ class TaskService:
                         check_result(msg, node.net, ad.host, task, auth)
                         return msg
                     raise AemError(errors.WRONG_OBJECT, f"unexpected {msg.TYPE} from the host")
+
+
+def _ram_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
 
 
 def check_result(res: TaskResult, net: bytes, host: bytes, task: TaskPacket, auth: SpendAuthorization) -> None:

@@ -194,3 +194,48 @@ def test_host_killed_mid_task_retries_and_charges_once(task_mesh, tmp_path):
                   and replays(alive), timeout=90)
     assert rs[0]["balances"][c2.account.hex()]["pending"] >= 300_000
     c1.start([c2.addr])
+
+
+def test_host_refuses_an_unfunded_payer_before_any_work(task_mesh):
+    """A payer that skips its own balance check is refused by the host itself."""
+    import os as _os
+
+    import trio
+
+    from aemd import p2p
+    from aemd.framing import read_frame, write_frame
+    from crypto.hashing import H
+    from crypto.keys import SigningKey
+    from protocol.task import SpendAuthorization, TaskPacket
+    from protocol.taskwire import TaskRefused, TaskRequest, decode_reply, task_protocol_id
+
+    mesh, _ = task_mesh
+    h = mesh.nodes[1]
+    net = mesh.genesis.network_id
+    broke = SigningKey.generate()
+    capsule = bytes.fromhex(next(a["capsule_id"] for a in h.call("ads") if a["host"] == h.account.hex()))
+    now = int(time.time())
+    task = TaskPacket(net=net, payer=broke.public, nonce=_os.urandom(16), kind="text", domain="general", tags=(),
+                      prompt="hi", max_tokens=4, temperature_milli=0, seed=0, repo_tar=b"", repo_hash=b"",
+                      patch="", test_cmd=(), max_price=10**6, latency_budget_ms=0, created_at=now,
+                      sig=b"").signed(broke)
+    auth = SpendAuthorization(net=net, payer=broke.public, spend_key=_os.urandom(32), task_hash=task.id,
+                              max_charge=10**6, expires_at=now + 600, sig=b"").signed(broke)
+    forged = auth.replace(max_charge=10**7)            # a signature that no longer matches
+    entries_before = h.call("status")["log_entries"]
+
+    async def ask(spend_auth) -> TaskRefused:
+        async with p2p.open_p2p(SigningKey.generate().seed, ["/ip4/127.0.0.1/tcp/0"]) as me:
+            await me.connect(h.addr)
+            async with me.stream(h.peer_id, task_protocol_id(net)) as s:
+                req = TaskRequest(capsule_id=capsule, task=task, spend_auth=spend_auth)
+                await write_frame(s, req.encode())
+                with trio.fail_after(30):
+                    return decode_reply(await read_frame(s, 1 << 20))
+
+    reply = trio.run(ask, auth)
+    assert isinstance(reply, TaskRefused) and reply.code == "REFUSED" and "available" in reply.detail
+    reply = trio.run(ask, forged)
+    assert isinstance(reply, TaskRefused) and reply.code == "BAD_SIGNATURE"
+    assert h.call("status")["log_entries"] == entries_before      # no receipt, no work
+    assert H(b"") != capsule
