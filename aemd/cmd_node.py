@@ -92,26 +92,29 @@ def _call(args: argparse.Namespace, cmd: str, cargs: dict | None = None, **kw):
 
 
 def register_ctl(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="the running node's identity, network, peers and log",
-                       description="Show the running node's peer id, addresses, network, connected "
-                                   "peers, log size and ledger state root.")
-    add_home(p)
-    add_json(p)
-    p.set_defaults(func=_status)
+    for name, func, short, long in (
+        ("status", _status, "the running node's identity, network, peers and log",
+         "Show the running node's peer id, addresses, network, connected peers, log size and "
+         "ledger state root."),
+        ("peers", _peers, "peers known to the running node, with their NodeCards",
+         "List the mesh's nodes the running node knows from gossip (valid, unexpired NodeCards), "
+         "and connected peers without one."),
+        ("ads", _ads, "HostAdvertisements of the mesh",
+         "List the valid, unexpired HostAdvertisements (expert capsules on offer) that the running "
+         "node knows, its own included."),
+    ):
+        p = sub.add_parser(name, help=short, description=long)
+        add_home(p)
+        add_json(p)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser("peers", help="peers known to the running node, with their NodeCards",
-                       description="List the mesh's nodes the running node knows from gossip "
-                                   "(valid, unexpired NodeCards), and connected peers without one.")
+    p = sub.add_parser("connect", help="dial a peer now",
+                       description="Have the running node dial a peer (it is not kept after a restart; "
+                                   "use --bootstrap or the config for that).")
+    p.add_argument("addr", metavar="MULTIADDR", help="/ip4/HOST/tcp/PORT/p2p/PEER_ID")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=_peers)
-
-    p = sub.add_parser("ads", help="HostAdvertisements of the mesh",
-                       description="List the valid, unexpired HostAdvertisements (expert capsules on "
-                                   "offer) that the running node knows, its own included.")
-    add_home(p)
-    add_json(p)
-    p.set_defaults(func=_ads)
+    p.set_defaults(func=_connect)
 
     p = sub.add_parser("transfer", help="send credits to another account",
                        description="Append a signed Transfer from this node's account to the log; "
@@ -166,6 +169,15 @@ def _ads(args: argparse.Namespace) -> int:
     for a in ads:
         print(f"{a['capsule_id'][:16]}  {a['kind']:10}  {a['domain']:16}  {fmt_credits(a['price'])} cr  "
               f"host {a['peer_id']}")
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> int:
+    res = _call(args, "connect", {"addr": args.addr})
+    if args.json:
+        print_json(res)
+    else:
+        print(f"connected to {res['peer_id']}")
     return 0
 
 

@@ -204,17 +204,44 @@ def f(kind: Kind) -> Any:
     return dataclasses.field(metadata={"kind": kind})
 
 
+def _remember_maps(obj: WireObject, m: dict) -> None:
+    """Keep, on a freshly decoded object and the objects nested in it, the
+    canonical map each was decoded from (nothing else holds these maps)."""
+    object.__setattr__(obj, "_wire_map", m)
+    for name, kind in obj._schema():
+        if type(kind) is Obj:
+            _remember_maps(getattr(obj, name), m[name])
+        elif type(kind) is ListOf and type(kind.item) is Obj:
+            for o, sub in zip(getattr(obj, name), m[name]):
+                _remember_maps(o, sub)
+
+
 class _Plan:
     """What a wire class's schema implies, computed once per class: the field
     checks with their error locations, the exact key set, and the canonical
     key order of its map."""
 
-    __slots__ = ("checks", "expected", "dump", "direct")
+    __slots__ = ("checks", "fast_checks", "expected", "dump", "direct")
 
     def __init__(self, cls: type) -> None:
         where = cls.TYPE or cls.__name__
         schema = cls._schema()
         self.checks = tuple((name, kind, f"{where}.{name}") for name, kind in schema)
+        # The same checks with the common kinds' success test inlined, for
+        # from_map: (name, kind, where, tag, a, b). A value that fails the
+        # inline test goes through kind.check, which raises the usual error.
+        fast = []
+        for name, kind, w in self.checks:
+            t = type(kind)
+            if t is Bytes and kind.max_len is None:
+                fast.append((name, kind, w, 1, frozenset(kind.lengths), 0))
+            elif t is Bytes:
+                fast.append((name, kind, w, 2, kind.max_len, 0))
+            elif t is UInt or t is SInt:
+                fast.append((name, kind, w, 3, kind.lo, kind.hi))
+            else:
+                fast.append((name, kind, w, 0, 0, 0))
+        self.fast_checks = tuple(fast)
         keys = [name for name, _ in schema] + (["type", "version"] if cls.TYPE else [])
         self.expected = frozenset(keys)
         kinds = dict(schema)
@@ -281,7 +308,7 @@ class WireObject:
         where = where or cls.TYPE or cls.__name__
         if type(m) is not dict:
             raise _bad_type(where, "map", m)
-        plan = cls._plan()
+        plan = cls.__dict__.get("_plan_cache") or cls._plan()
         expected = plan.expected
         if cls.TYPE:
             if m.get("type") != cls.TYPE:
@@ -300,8 +327,22 @@ class WireObject:
         # The same checks, in the same order, as cls(**fields) followed by
         # __post_init__, without building the object twice.
         obj = object.__new__(cls)
-        for name, kind, fwhere in plan.checks:
-            object.__setattr__(obj, name, kind.check(m[name], fwhere))
+        setattr_ = object.__setattr__
+        for name, kind, fwhere, tag, a, b in plan.fast_checks:
+            v = m[name]
+            if tag == 1:
+                if type(v) is bytes and len(v) in a:
+                    setattr_(obj, name, v)
+                    continue
+            elif tag == 3:
+                if type(v) is int and a <= v <= b:
+                    setattr_(obj, name, v)
+                    continue
+            elif tag == 2:
+                if type(v) is bytes and len(v) <= a:
+                    setattr_(obj, name, v)
+                    continue
+            setattr_(obj, name, kind.check(v, fwhere))
         obj._validate()
         return obj
 
@@ -325,8 +366,11 @@ class WireObject:
             raise AemError(errors.TOO_DEEP, "nesting too deep") from None
         if type(data) is bytes:
             # canonical.decode proved that these bytes are the encoding of m,
-            # and to_map() of the object is m again: remember them.
+            # and to_map() of the object is m again: remember both (m is a
+            # fresh value nobody else holds), so encode() and signable() need
+            # not rebuild them.
             object.__setattr__(obj, "_canonical", data)
+            _remember_maps(obj, m)
         return obj
 
     @property
@@ -352,6 +396,10 @@ class Signed(WireObject):
         return self.net  # type: ignore[attr-defined]
 
     def signable(self) -> bytes:
+        wire = self.__dict__.get("_wire_map")
+        if wire is not None:   # decoded: its map is canonical already
+            m = {k: v for k, v in wire.items() if k != "sig"}
+            return domains.signable(self.TYPE, self.network(), canonical.encode_decoded(m))
         m = self.to_map()
         del m["sig"]
         return domains.signable(self.TYPE, self.network(), canonical.encode(m))
@@ -379,3 +427,15 @@ class Signed(WireObject):
 
     def _verify_nested(self, now: int | None) -> None:
         """Verify signed objects embedded in this one (none by default)."""
+
+
+def decode_one_of(data: bytes, classes: dict[str, type[T]], max_size: int) -> T:
+    """Decode a message that may be any of ``classes`` (keyed by type name),
+    dispatching on its ``type`` field, each under its own size limit."""
+    m = canonical.decode(data, max_size)
+    cls = classes.get(m.get("type")) if type(m) is dict else None
+    if cls is None:
+        raise AemError(errors.WRONG_OBJECT, f"not one of {sorted(classes)}")
+    if len(data) > cls.MAX_SIZE:
+        raise AemError(errors.TOO_LARGE, f"{cls.TYPE}: {len(data)} bytes > {cls.MAX_SIZE}")
+    return cls.from_map(m)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from protocol import errors
 from protocol.entry import MAX_ENTRY
 from protocol.errors import AemError
-from protocol.schema import HASH, HASH_OR_EMPTY, KEY, Bytes, ListOf, Obj, UInt, WireObject, f
+from protocol.schema import HASH, KEY, Bytes, ListOf, Obj, UInt, WireObject, decode_one_of, f
 
 MAX_AUTHORS = 100_000          # frontier entries in one message
 MAX_BATCH = 512                # entries in one range response
@@ -98,14 +98,7 @@ SYNC_MESSAGES = {c.TYPE: c for c in (Frontiers, RangeRequest, RangeResponse, Syn
 
 def decode_sync_message(data: bytes) -> WireObject:
     """Decode any sync-stream message by its ``type`` (AemError otherwise)."""
-    from protocol import canonical
-    m = canonical.decode(data, RangeResponse.MAX_SIZE)
-    cls = SYNC_MESSAGES.get(m.get("type")) if isinstance(m, dict) else None
-    if cls is None:
-        raise AemError(errors.WRONG_OBJECT, "not a sync message")
-    if len(data) > cls.MAX_SIZE:
-        raise AemError(errors.TOO_LARGE, f"{cls.TYPE}: {len(data)} bytes > {cls.MAX_SIZE}")
-    return cls.from_map(m)
+    return decode_one_of(data, SYNC_MESSAGES, RangeResponse.MAX_SIZE)
 
 
 def plan_fetch(local: dict[bytes, tuple[int, bytes]], remote: tuple[Frontier, ...],

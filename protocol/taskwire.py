@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol import canonical, errors
+from protocol import errors
 from protocol.errors import AemError
-from protocol.schema import HASH, Bytes, Obj, Str, UInt, WireObject, f, AMOUNT, TEXT
+from protocol.schema import AMOUNT, HASH, TEXT, Bytes, Obj, Str, UInt, WireObject, decode_one_of, f
 from protocol.task import InferenceWorkReceipt, SpendAuthorization, TaskPacket
 
 MAX_CHUNK = 16384
@@ -73,10 +73,5 @@ MAX_REPLY = TaskResult.MAX_SIZE
 
 
 def decode_reply(data: bytes) -> WireObject:
-    m = canonical.decode(data, MAX_REPLY)
-    cls = REPLIES.get(m.get("type")) if isinstance(m, dict) else None
-    if cls is None:
-        raise AemError(errors.WRONG_OBJECT, "not a task reply")
-    if len(data) > cls.MAX_SIZE:
-        raise AemError(errors.TOO_LARGE, f"{cls.TYPE}: over its size limit")
-    return cls.from_map(m)
+    """Decode any host reply on the task stream by its ``type``."""
+    return decode_one_of(data, REPLIES, MAX_REPLY)
