@@ -154,6 +154,8 @@ def test_refusals_are_clear_and_quick(task_mesh):
     p, poor = mesh.nodes[0], mesh.nodes[4]
     out = aemctl(p.home, "submit-task", "--domain", "astrology", "--prompt", "hi", "--json")
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr and "astrology" in out.stderr
+    wait_for("earlier receipts everywhere", lambda: len({(r["entries"], r["state_root"])
+                                                         for r in replays(mesh.nodes)}) == 1, timeout=90)
     before = replays([poor])[0]["entries"]
     out = aemctl(poor.home, "submit-task", "--domain", "general", "--prompt", "hi", "--max-price", "1")
     assert out.returncode == 1 and "REFUSED" in out.stderr and "credits" in out.stderr
