@@ -194,7 +194,8 @@ async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_runnin
         for i, node in enumerate(nodes):
             b = replay["balances"].get(node.key.public.hex(), {"available": 0, "pending": 0})
             print(f"  n{i:<3}  {fmt_credits(b['available']):>14}  {fmt_credits(b['pending']):>10}")
-        print(f"(hosts are paid after the {genesis.challenge_window} s challenge window)")
+        print(f"(hosts are paid when the challenge window closes: {genesis.challenge_window} s after the "
+              "payer's authorisation expires)")
         summary = {"text": text, "code": code, "report": report, "replay": replay}
         if keep_running:
             print("\nmesh running; Ctrl-C to stop. Try: aemctl status --home", nodes[0].home.root)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aemd.tasks")
 
-SPEND_AUTH_TTL_S = 3600
+SPEND_AUTH_TTL_S = 600          # a task must start within this; settlement waits for it too
 REQUEST_READ_TIMEOUT_S = 30
 ACCEPT_TIMEOUT_S = 60
 MAX_ATTEMPTS = 8

@@ -174,6 +174,7 @@ def paused_gc():
 
 _CHUNK = 2048
 _worker_ctx: Context | None = None
+_shared: list[bytes] = []      # the entries, inherited by forked workers (never pickled)
 
 
 def _init_worker(ctx: Context) -> None:
@@ -181,11 +182,11 @@ def _init_worker(ctx: Context) -> None:
     _worker_ctx = ctx
 
 
-def _examine_chunk(datas: list[bytes]) -> list[Fact]:
+def _examine_range(span: tuple[int, int]) -> list[Fact]:
     assert _worker_ctx is not None
-    ctx = _worker_ctx
+    ctx, datas = _worker_ctx, _shared
     with paused_gc():
-        return [examine(d, ctx) for d in datas]
+        return [examine(datas[i], ctx) for i in range(*span)]
 
 
 def examine_many(items: Iterable[bytes | Entry], ctx: Context, *, workers: int = 1,
@@ -202,15 +203,20 @@ def examine_many(items: Iterable[bytes | Entry], ctx: Context, *, workers: int =
                 if progress is not None and n % 1024 == 0:
                     progress(n)
         return out
-    chunks = [datas[i:i + _CHUNK] for i in range(0, len(datas), _CHUNK)]
-    out = []
+    global _shared
+    spans = [(i, min(i + _CHUNK, len(datas))) for i in range(0, len(datas), _CHUNK)]
+    out: list[Fact] = []
     mp = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init_worker,
-                             initargs=(ctx,)) as pool:
-        for part in pool.map(_examine_chunk, chunks):
-            out.extend(part)
-            if progress is not None:
-                progress(len(out))
+    _shared = datas            # forked workers see it as it is now
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init_worker,
+                                 initargs=(ctx,)) as pool:
+            for part in pool.map(_examine_range, spans):
+                out.extend(part)
+                if progress is not None:
+                    progress(len(out))
+    finally:
+        _shared = []
     return out
 
 

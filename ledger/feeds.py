@@ -100,6 +100,10 @@ def _order(f: Fact) -> tuple:
 
 
 def _extend_one(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int) -> list[Fact]:
+    if not feed.rest and new:
+        joined = _continue_chain(feed, notes, new, as_of)
+        if joined is not None:
+            return joined
     pos, lamports, rest = feed.pos, feed.lamports, feed.rest
     last = len(lamports) - 1
     fresh = False
@@ -165,4 +169,30 @@ def _extend_one(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int
             notes[x.id] = st
         else:
             notes[x.id] = reasons.FUTURE
+    return joined
+
+
+def _continue_chain(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int) -> list[Fact] | None:
+    """The common case, without the general bookkeeping: the new entries
+    continue the feed's head one seq after another, each linking to the one
+    before. Returns None (having changed nothing) when that is not so."""
+    xs = sorted(new, key=lambda f: f.seq)
+    s = len(feed.lamports)
+    prev_id, prev_lam = feed.head, feed.lamports[-1] if feed.lamports else -1
+    for x in xs:
+        if x.seq != s or (s > 0 and (x.prev != prev_id or x.lamport <= prev_lam)):
+            return None
+        prev_id, prev_lam, s = x.id, x.lamport, s + 1
+    joined: list[Fact] = []
+    pos, lamports = feed.pos, feed.lamports
+    for i, x in enumerate(xs):
+        if x.ts > as_of:
+            for y in xs[i:]:
+                feed.rest[y.id] = y
+                notes[y.id] = reasons.FUTURE
+            break
+        pos[x.id] = x.seq
+        lamports.append(x.lamport)
+        feed.head = x.id
+        joined.append(x)
     return joined

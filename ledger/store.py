@@ -177,7 +177,7 @@ class LogStore:
     def close(self) -> None:
         with self._lock:
             try:
-                self._save_checkpoint(force=True)
+                self._save_checkpoint()
             except AemError:
                 pass
             self._db.close()
@@ -405,7 +405,7 @@ class LogStore:
         else:
             res = replay(self.genesis, new, as_of, check=check)
         with self._lock:
-            if res.checkpoint.as_of >= (self._ck.as_of if self._ck else 0) and top >= self._ck_mark:
+            if self._ck is None or (res.checkpoint.as_of >= self._ck.as_of and top >= self._ck_mark):
                 self._ck = dataclasses.replace(res.checkpoint, base=None)
                 self._ck_mark = top
             if self._ck_mark - self._saved_mark >= max(CHECKPOINT_EVERY, self._saved_mark // 10):
@@ -438,10 +438,9 @@ class LogStore:
         self._saved_mark = r[0]
         return ck, r[0]
 
-    def _save_checkpoint(self, force: bool = False) -> None:
-        if self._ck is None or (self._ck_mark <= self._saved_mark and not force):
-            return
-        if self._ck_mark <= self._saved_mark:
+    def _save_checkpoint(self) -> None:
+        """Save the checkpoint in memory if it covers more than the saved one."""
+        if self._ck is None or self._ck_mark <= self._saved_mark:
             return
         data = self._ck.to_bytes()
         with self._tx():
@@ -453,7 +452,7 @@ class LogStore:
 
     def save_checkpoint(self) -> None:
         with self._lock:
-            self._save_checkpoint(force=True)
+            self._save_checkpoint()
 
     # -- verification -----------------------------------------------------------
 

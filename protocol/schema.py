@@ -208,12 +208,12 @@ def _remember_maps(obj: WireObject, m: dict) -> None:
     """Keep, on a freshly decoded object and the objects nested in it, the
     canonical map each was decoded from (nothing else holds these maps)."""
     object.__setattr__(obj, "_wire_map", m)
-    for name, kind in obj._schema():
-        if type(kind) is Obj:
-            _remember_maps(getattr(obj, name), m[name])
-        elif type(kind) is ListOf and type(kind.item) is Obj:
+    for name, is_list in obj._plan().nested:
+        if is_list:
             for o, sub in zip(getattr(obj, name), m[name]):
                 _remember_maps(o, sub)
+        else:
+            _remember_maps(getattr(obj, name), m[name])
 
 
 class _Plan:
@@ -221,7 +221,7 @@ class _Plan:
     checks with their error locations, the exact key set, and the canonical
     key order of its map."""
 
-    __slots__ = ("checks", "fast_checks", "expected", "dump", "direct")
+    __slots__ = ("checks", "fast_checks", "nested", "expected", "dump", "direct")
 
     def __init__(self, cls: type) -> None:
         where = cls.TYPE or cls.__name__
@@ -239,9 +239,17 @@ class _Plan:
                 fast.append((name, kind, w, 2, kind.max_len, 0))
             elif t is UInt or t is SInt:
                 fast.append((name, kind, w, 3, kind.lo, kind.hi))
+            elif t is Str and kind.choices is not None and kind.pattern is None:
+                ok = frozenset(c for c in kind.choices if c.isascii() and len(c) <= kind.max_len)
+                fast.append((name, kind, w, 4, ok, 0))
+            elif t is Str and kind.choices is None:
+                # ASCII text: its UTF-8 form is itself, so the length check is len().
+                fast.append((name, kind, w, 5, kind.max_len, kind.pattern))
             else:
                 fast.append((name, kind, w, 0, 0, 0))
         self.fast_checks = tuple(fast)
+        self.nested = tuple((name, type(kind) is ListOf) for name, kind in schema
+                            if type(kind) is Obj or (type(kind) is ListOf and type(kind.item) is Obj))
         keys = [name for name, _ in schema] + (["type", "version"] if cls.TYPE else [])
         self.expected = frozenset(keys)
         kinds = dict(schema)
@@ -340,6 +348,14 @@ class WireObject:
                     continue
             elif tag == 2:
                 if type(v) is bytes and len(v) <= a:
+                    setattr_(obj, name, v)
+                    continue
+            elif tag == 4:
+                if type(v) is str and v in a:
+                    setattr_(obj, name, v)
+                    continue
+            elif tag == 5:
+                if type(v) is str and v.isascii() and len(v) <= a and (b is None or b.fullmatch(v)):
                     setattr_(obj, name, v)
                     continue
             setattr_(obj, name, kind.check(v, fwhere))

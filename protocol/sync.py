@@ -117,5 +117,6 @@ def plan_fetch(local: dict[bytes, tuple[int, bytes]], remote: tuple[Frontier, ..
         elif fr.seq > mine[0]:
             plan.append((fr.author, mine[0] + 1, min(batch, fr.seq - mine[0])))
         elif fr.seq == mine[0] and fr.head != mine[1]:
-            plan.append((fr.author, fr.seq, 1))
+            # Both sides of a fork at that seq: the range holds ours and theirs.
+            plan.append((fr.author, fr.seq, 2))
     return plan

@@ -11,6 +11,7 @@ the window, equivocations, transfers, mints with and without a quorum.
 
 from __future__ import annotations
 
+import os
 import random
 
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +22,9 @@ from ledger.replay import replay
 from ledger.store import LogStore
 from tests.ledgerkit import T0, scenario
 
-PROPS = settings(max_examples=int(__import__("os").environ.get("AEM_LEDGER_EXAMPLES", "60")), deadline=None,
+# AEM_LEDGER_EXAMPLES=2000 for a long hunt; the default keeps the file fast.
+EXAMPLES = int(os.environ.get("AEM_LEDGER_EXAMPLES", "120"))
+PROPS = settings(max_examples=EXAMPLES, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 seeds = st.integers(0, 2**32 - 1)
@@ -70,7 +73,7 @@ def test_incremental_equals_full(seed, n, parts):
     order = facts[:]
     if rnd.random() < 0.5:
         rnd.shuffle(order)       # arbitrary arrival: forces rewinds often
-    cuts = sorted(rnd.sample(range(len(order) + 1), parts - 1))
+    cuts = sorted(rnd.choices(range(len(order) + 1), k=parts - 1))
     chunks = [order[a:b] for a, b in zip([0] + cuts, cuts + [len(order)])]
     ck = None
     seen: list = []
@@ -107,7 +110,9 @@ def test_store_in_any_order_agrees_with_replay(tmp_path_factory, seed, n):
                 store.insert_many(order[j:j + 7])
                 store.replay(as_of)          # checkpoints along the way
             assert store.replay(as_of).state_root == want
-            assert store.count_held() == sum(1 for c in replay(net.genesis, facts, as_of).rejected.values()
+            # Every entry replay finds unlinked waits in the store (held entries
+            # of a forked author count as EQUIVOCATION in replay).
+            assert store.count_held() >= sum(1 for c in replay(net.genesis, facts, as_of).rejected.values()
                                              if c == "UNLINKED")
 
 
@@ -122,3 +127,13 @@ def test_bulk_ledger_is_realistic():
     assert set(kinds) == {"inference_receipt", "transfer", "receipt_ack", "contribution",
                           "challenge", "admission", "capsule_manifest"}
     assert r.entries == 600 and 0 < len(r.rejected) < 60 and len(r.balances) >= 50
+
+
+def test_parallel_signature_checks_give_the_same_facts(monkeypatch):
+    from ledger import facts as facts_mod
+    monkeypatch.setattr(facts_mod, "_CHUNK", 8)
+    rnd, net, entries, facts, span = _ledger(5, 40)
+    par = facts_mod.examine_many(entries, Context.of(net.genesis), workers=2)
+    assert par == facts
+    assert replay(net.genesis, entries, T0 + span, workers=2).state_root == \
+        replay(net.genesis, facts, T0 + span).state_root

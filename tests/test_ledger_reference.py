@@ -5,6 +5,7 @@ and codes. If the two ever disagree, either the code or the spec is wrong."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -205,7 +206,7 @@ def reference(g, datas: list[bytes], as_of: int):
     return root, balances, rejected
 
 
-@settings(max_examples=int(__import__("os").environ.get("AEM_LEDGER_EXAMPLES", "60")), deadline=None,
+@settings(max_examples=int(os.environ.get("AEM_LEDGER_EXAMPLES", "120")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 40))
 def test_reference_agrees(seed, n):

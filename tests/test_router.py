@@ -86,7 +86,7 @@ def test_plan_fetch():
     local = {a: (5, h(1)), b: (3, h(2)), c: (7, h(3))}
     remote = (Frontier(author=a, seq=9, head=h(4)), Frontier(author=b, seq=3, head=h(5)),
               Frontier(author=c, seq=2, head=h(6)), Frontier(author=d, seq=1000, head=h(7)))
-    assert plan_fetch(local, remote, 100) == [(a, 6, 4), (b, 3, 1), (d, 0, 100)]
+    assert plan_fetch(local, remote, 100) == [(a, 6, 4), (b, 3, 2), (d, 0, 100)]
 
 
 def test_mesh_table_keeps_newest_and_expires():
