@@ -88,7 +88,8 @@ interval_s = 30
 batch = 512
 
 [llama]
-# Context length, CPU threads (0: all cores), layers offloaded to the GPU.
+# Context length, CPU threads (0: half the cores, which is where llama.cpp's
+# memory-bound generation peaks), layers offloaded to the GPU (0: none).
 n_ctx = 2048
 n_threads = 0
 n_gpu_layers = 0

@@ -118,6 +118,7 @@ class Node:
         self._syncing: set[str] = set()
         self._resync: set[str] = set()
         self._announce_now = trio.Event()
+        self._announce_delay = CONNECT_ANNOUNCE_DELAY_S
         self._rng = random.Random()
         self.sync_sessions = 0
         self.topics = {name: topic(self.net, name) for name in ("cards", "ads", "heads")}
@@ -305,8 +306,10 @@ class Node:
                 peers = self.p2p.connected_peers()
                 if not peers:
                     continue
-                target = origin if origin in peers else self._rng.choice(peers)
-                self._start_sync(target)
+                if origin in peers:
+                    self._start_sync(origin, only=fr)   # just that author, from its author
+                else:
+                    self._start_sync(self._rng.choice(peers))
 
     def my_card(self) -> NodeCard:
         now = self.now()
@@ -348,7 +351,11 @@ class Node:
         except AemError as exc:
             log.info("announce: %s", exc)
 
-    def reannounce_soon(self) -> None:
+    def reannounce_soon(self, *, coalesce: bool = True) -> None:
+        """Announce before the next interval: after a short pause that gathers
+        a burst of new connections into one announcement, or at once (a
+        capsule added or removed by the user)."""
+        self._announce_delay = CONNECT_ANNOUNCE_DELAY_S if coalesce else 0.0
         self._announce_now.set()
 
     async def _announce_loop(self) -> None:
@@ -358,8 +365,7 @@ class Node:
             self._announce_now = trio.Event()
             with trio.move_on_after(self.opts.card_interval_s):
                 await self._announce_now.wait()
-                # Coalesce bursts of connections into one announcement.
-                await trio.sleep(CONNECT_ANNOUNCE_DELAY_S)
+                await trio.sleep(self._announce_delay)
 
     # -- peers and sync -------------------------------------------------------------
 
@@ -370,28 +376,30 @@ class Node:
                     self._start_sync(ev.peer_id)
                     self.reannounce_soon()
 
-    def _start_sync(self, peer: str) -> None:
+    def _start_sync(self, peer: str, only: Frontier | None = None) -> None:
         if peer in self._syncing:
             self._resync.add(peer)
             return
         self._syncing.add(peer)
-        self._nursery.start_soon(self._sync_task, peer)
+        self._nursery.start_soon(self._sync_task, peer, only)
 
-    async def _sync_task(self, peer: str) -> None:
+    async def _sync_task(self, peer: str, only: Frontier | None) -> None:
         try:
             for _ in range(4):  # bounded re-runs when more was announced meanwhile
                 self._resync.discard(peer)
-                await self.sync_with(peer)
+                await self.sync_with(peer, only=only)
+                only = None     # a re-run is a full session
                 if peer not in self._resync:
                     break
         finally:
             self._syncing.discard(peer)
 
-    async def sync_with(self, peer: str) -> SyncStats | None:
-        """One pull session from ``peer``; failures are logged, not raised."""
+    async def sync_with(self, peer: str, only: Frontier | None = None) -> SyncStats | None:
+        """One pull session from ``peer`` (of one author with ``only``);
+        failures are logged, not raised."""
         try:
             async with self.p2p.stream(peer, self.sync_proto) as stream:
-                stats = await sync_client(stream, self.store, self.net, self.opts.sync_batch)
+                stats = await sync_client(stream, self.store, self.net, self.opts.sync_batch, only=only)
         except AemError as exc:
             log.info("sync with %s: %s", peer, exc)
             return None
@@ -399,7 +407,7 @@ class Node:
         if stats.rejected:
             self.p2p.penalize(peer, float(self.opts.max_invalid_per_peer), "served invalid log entries")
         if stats.added:
-            await self._announce_heads()
+            await self._announce_heads(sorted(stats.authors))
         return stats
 
     async def _serve_sync(self, stream, peer: str) -> None:

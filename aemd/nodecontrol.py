@@ -97,7 +97,7 @@ def handlers(node: "Node") -> dict[str, Any]:
     async def reload_capsules(args: dict, emit) -> dict:
         from aemd.capsules import list_capsules
         node.capsules = list_capsules(node.home)
-        node.reannounce_soon()
+        node.reannounce_soon(coalesce=False)
         return {"capsules": len(node.capsules)}
 
     async def sync_now(args: dict, emit) -> dict:

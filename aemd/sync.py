@@ -13,7 +13,7 @@ penalise it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -48,24 +48,32 @@ class SyncStats:
     received: int = 0
     added: int = 0
     rejected: int = 0
+    authors: set = field(default_factory=set)    # authors with newly stored entries
 
 
 def _frontier_list(fr: dict[bytes, tuple[int, bytes]]) -> tuple[Frontier, ...]:
     return tuple(Frontier(author=a, seq=s, head=h) for a, (s, h) in sorted(fr.items()))
 
 
-async def sync_client(stream, log: LogAccess, net: bytes, batch: int = MAX_BATCH) -> SyncStats:
-    """Pull from the peer on ``stream`` everything it has that we lack."""
+async def sync_client(stream, log: LogAccess, net: bytes, batch: int = MAX_BATCH, *,
+                      only: Frontier | None = None) -> SyncStats:
+    """Pull from the peer on ``stream`` everything it has that we lack; with
+    ``only`` (from a head announcement), just that author up to that entry,
+    without the frontier exchange, which grows with the number of authors."""
     stats = SyncStats()
     batch = max(1, min(batch, MAX_BATCH))
     local = await log.frontiers()
-    with deadline(READ_TIMEOUT_S, "sync frontiers"):
-        await write_frame(stream, Frontiers(net=net, frontiers=_frontier_list(local)).encode())
-        remote = decode_sync_message(await read_frame(stream, FRONTIERS_LIMIT))
-    if not isinstance(remote, Frontiers) or remote.net != net:
-        raise AemError(errors.WRONG_OBJECT, "peer did not answer with its frontiers")
-    targets = {fr.author: fr.seq for fr in remote.frontiers}
-    queue = plan_fetch(local, remote.frontiers, batch)
+    if only is not None:
+        remote_frontiers: tuple[Frontier, ...] = (only,)
+    else:
+        with deadline(READ_TIMEOUT_S, "sync frontiers"):
+            await write_frame(stream, Frontiers(net=net, frontiers=_frontier_list(local)).encode())
+            remote = decode_sync_message(await read_frame(stream, FRONTIERS_LIMIT))
+        if not isinstance(remote, Frontiers) or remote.net != net:
+            raise AemError(errors.WRONG_OBJECT, "peer did not answer with its frontiers")
+        remote_frontiers = remote.frontiers
+    targets = {fr.author: fr.seq for fr in remote_frontiers}
+    queue = plan_fetch(local, remote_frontiers, batch)
     while queue:
         author, from_seq, limit = queue.pop(0)
         if stats.requests >= MAX_REQUESTS_PER_SESSION:
@@ -83,6 +91,8 @@ async def sync_client(stream, log: LogAccess, net: bytes, batch: int = MAX_BATCH
         added, rejected = await log.insert_batch(list(resp.entries))
         stats.added += added
         stats.rejected += rejected
+        if added:
+            stats.authors.add(author)
         if rejected:
             break  # a peer serving bad entries gets no more of our time this session
         got = len(resp.entries)
