@@ -16,6 +16,7 @@ signature covers ``domain || canonical(map without sig)`` (see
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from typing import Any, ClassVar, TypeVar
@@ -30,19 +31,19 @@ T = TypeVar("T", bound="WireObject")
 U63 = 2**63 - 1
 
 
-class Kind:
+class Kind(abc.ABC):
     """How one field is checked. ``check`` returns the Python value for a wire
     value (converting nested maps to objects); ``dump`` does the reverse."""
 
-    def check(self, v: Any, where: str) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def check(self, v: Any, where: str) -> Any: ...
 
     def dump(self, v: Any) -> Any:
         return v
 
+    @abc.abstractmethod
     def spec(self) -> str:
         """How the spec's field tables write this kind."""
-        raise NotImplementedError
 
 
 def _bad_type(where: str, want: str, v: Any) -> AemError:

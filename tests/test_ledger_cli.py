@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,9 +115,7 @@ def test_missing_store_and_genesis(tmp_path, capsys):
 
 def test_aemctl_entry_point(ledger):
     _, _, home = ledger
-    exe = ROOT / ".venv" / "bin" / "aemctl"
-    if not exe.exists():
-        pytest.skip("no venv aemctl")
+    exe = Path(sys.executable).parent / "aemctl"       # the installed console script
     p = subprocess.run([str(exe), "ledger-replay", "--home", str(home), "--as-of", str(T0), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
