@@ -13,6 +13,7 @@ penalise it.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from protocol.sync import (MAX_BATCH, Frontier, Frontiers, RangeRequest, RangeRe
                            SyncDone, decode_sync_message, plan_fetch)
 
 MAX_REQUESTS_PER_SESSION = 10_000
+PIPELINE = 4                   # range requests in flight on one stream
 READ_TIMEOUT_S = 30.0
 FRONTIERS_LIMIT = Frontiers.MAX_SIZE
 RANGE_LIMIT = RangeResponse.MAX_SIZE
@@ -73,33 +75,55 @@ async def sync_client(stream, log: LogAccess, net: bytes, batch: int = MAX_BATCH
             raise AemError(errors.WRONG_OBJECT, "peer did not answer with its frontiers")
         remote_frontiers = remote.frontiers
     targets = {fr.author: fr.seq for fr in remote_frontiers}
-    queue = plan_fetch(local, remote_frontiers, batch)
-    while queue:
-        author, from_seq, limit = queue.pop(0)
-        if stats.requests >= MAX_REQUESTS_PER_SESSION:
+    queue = deque(plan_fetch(local, remote_frontiers, batch))
+    # Up to PIPELINE requests in flight (the server answers in order), and
+    # small responses merged into one insert: with many authors of few
+    # entries each, a request per round trip and a commit per author would
+    # cost far more than the entries themselves.
+    in_flight: deque[tuple[bytes, int, int]] = deque()
+    pending: list[bytes] = []
+    pending_authors: set[bytes] = set()
+    while queue or in_flight:
+        while queue and len(in_flight) < PIPELINE and stats.requests < MAX_REQUESTS_PER_SESSION:
+            author, from_seq, limit = queue.popleft()
+            stats.requests += 1
+            with deadline(READ_TIMEOUT_S, "sync range request"):
+                await write_frame(stream, RangeRequest(net=net, author=author, from_seq=from_seq,
+                                                       limit=limit).encode())
+            in_flight.append((author, from_seq, limit))
+        if not in_flight:
             break
-        stats.requests += 1
+        author, from_seq, limit = in_flight.popleft()
         with deadline(READ_TIMEOUT_S, "sync range"):
-            await write_frame(stream, RangeRequest(net=net, author=author, from_seq=from_seq,
-                                                   limit=limit).encode())
             resp = decode_sync_message(await read_frame(stream, RANGE_LIMIT))
         if not isinstance(resp, RangeResponse) or resp.net != net or resp.author != author:
             raise AemError(errors.WRONG_OBJECT, "peer answered a range request with something else")
         if len(resp.entries) > limit:
             raise AemError(errors.BAD_VALUE, "peer sent more entries than asked")
-        stats.received += len(resp.entries)
-        added, rejected = await log.insert_batch(list(resp.entries))
-        stats.added += added
-        stats.rejected += rejected
-        if added:
-            stats.authors.add(author)
-        if rejected:
-            break  # a peer serving bad entries gets no more of our time this session
         got = len(resp.entries)
+        stats.received += got
+        if got:
+            pending.extend(resp.entries)
+            pending_authors.add(author)
         nxt = from_seq + got
         # Keep going while the peer had a full batch and more to give.
         if got == limit and nxt <= targets.get(author, -1):
             queue.append((author, nxt, min(batch, targets[author] - nxt + 1)))
+        if len(pending) >= batch or not (queue or in_flight):
+            added, rejected = await log.insert_batch(pending)
+            stats.added += added
+            stats.rejected += rejected
+            if added:
+                stats.authors |= pending_authors
+            pending, pending_authors = [], set()
+            if rejected:
+                break  # a peer serving bad entries gets no more of our time this session
+    if pending:  # the session's request limit stopped the loop with entries in hand
+        added, rejected = await log.insert_batch(pending)
+        stats.added += added
+        stats.rejected += rejected
+        if added:
+            stats.authors |= pending_authors
     with trio.move_on_after(5):
         await write_frame(stream, SyncDone(net=net).encode())
     return stats

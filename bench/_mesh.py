@@ -340,11 +340,11 @@ def _run(argv: list[str]) -> int:
     added = [0, False, False]
     real_sync_with = Node.sync_with
 
-    async def sync_with(self, peer):
+    async def sync_with(self, peer, only=None):
         if not added[1]:
             added[1] = True
             emit("sync_start")
-        return await real_sync_with(self, peer)
+        return await real_sync_with(self, peer, only=only)
 
     Node.sync_with = sync_with
     real_insert = StoreAccess.insert_batch
