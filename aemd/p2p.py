@@ -960,6 +960,7 @@ class P2PNode:
 
     def _lift_ban(self, pid: ID) -> None:
         self._bans.pop(pid, None)
+        self._pending_disconnects.discard(pid)
         self._points.pop(pid, None)
         try:
             self._pubsub.remove_from_blacklist(pid)
@@ -979,8 +980,9 @@ class P2PNode:
             self._wake = trio.Event()
             pending, self._pending_disconnects = self._pending_disconnects, set()
             for pid in pending:
-                if self._is_banned_id(pid):
-                    await self.disconnect(pid.to_base58())
+                # Even a ban that has already run out by now (a short one, a
+                # slow loop) disconnects once; only an explicit unban cancels.
+                await self.disconnect(pid.to_base58())
             now = trio.current_time()
             for pid, until in list(self._bans.items()):
                 if until <= now:
