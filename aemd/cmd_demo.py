@@ -22,7 +22,6 @@ import trio
 from aemd.capsules import LocalCapsule, Serving, save_capsule
 from aemd.cliutil import fmt_credits
 from aemd.cmd_node import setup_logging
-from aemd.config import TEMPLATE
 from aemd.home import Home
 from aemd.identity import atomic_write, init_home
 from crypto.hashing import H
@@ -33,7 +32,8 @@ from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import ExpertCapsuleManifest
 
 CREDIT = 1_000_000
-DEMO_CONFIG_OVERRIDES = """
+DEMO_CONFIG = """\
+# aem demo node: loopback only, quick gossip and sync, a small context.
 [node]
 listen = ["/ip4/127.0.0.1/tcp/0"]
 [gossip]
@@ -96,10 +96,10 @@ def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
         max_mint_per_receipt=1000 * CREDIT, limits=DEFAULT_LIMITS, sig=b"").signed(founder)
     gfile = root / "genesis.aem"
     atomic_write(gfile, genesis.encode())
-    config = TEMPLATE + DEMO_CONFIG_OVERRIDES
     for h in homes:
         init_home(h, gfile, None)
-        atomic_write(h.config, _merge(config).encode())
+        # Keys left out keep their documented defaults (aemd/config.py).
+        atomic_write(h.config, DEMO_CONFIG.encode())
     net = genesis.network_id
     model = write_tiny_llama_gguf(root / "tiny-llama.gguf", **TINY_MODEL)
     save_capsule(homes[1], LocalCapsule(_gguf_capsule(keys[1], net, model),
@@ -109,25 +109,6 @@ def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
                                         Serving(path="", price=CREDIT // 4, roles=("code_patch",),
                                                 max_concurrency=1)))
     return homes, genesis
-
-
-def _merge(text: str) -> str:
-    """The template with the demo's overrides (later keys win, one per section)."""
-    sections: dict[str, dict[str, str]] = {}
-    order: list[str] = []
-    current = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("[") and s.endswith("]"):
-            current = s[1:-1]
-            if current not in sections:
-                sections[current] = {}
-                order.append(current)
-        elif current and "=" in s and not s.startswith("#"):
-            k, v = s.split("=", 1)
-            sections[current][k.strip()] = v.strip()
-    return "\n".join(f"[{sec}]\n" + "\n".join(f"{k} = {v}" for k, v in sections[sec].items()) + "\n"
-                     for sec in order)
 
 
 async def _wait(what: str, check, timeout: float = 60.0) -> None:

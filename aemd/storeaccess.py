@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from aemd.cliutil import to_jsonable
-from ledger.state import SETTLED, VOIDED
+from ledger.replay import ReplayResult
 from ledger.store import LogStore, Status
 from protocol import errors
 from protocol.genesis import Genesis
@@ -62,27 +62,10 @@ class StoreAccess:
         out.pop("events", None)
         return to_jsonable(out)
 
-    async def payer_funds(self, payer: bytes, spend_key: bytes, as_of: int) -> int | None:
-        """The payer's available balance, or None when the spend key has
-        already been charged (a host would never be paid for it)."""
-        res = await self._run(self.store.replay, as_of)
-        if payer + spend_key in res.checkpoint.state.spent:
-            return None
-        return res.balances.get(payer, (0, 0))[0]
-
-    async def reputation(self, as_of: int) -> dict:
-        """Per host: receipts settled (or due) and receipts voided by a challenge."""
-        from aemd.router import Reputation
-        res = await self._run(self.store.replay, as_of)
-        st = res.checkpoint.state
-        counts: dict[bytes, list[int]] = {}
-        for rid, (host, _payer, _amount, settle_at, status) in st.receipts.items():
-            c = counts.setdefault(host, [0, 0])
-            if status == VOIDED or rid in st.challenged:
-                c[1] += 1
-            elif status == SETTLED or settle_at <= as_of:
-                c[0] += 1
-        return {h: Reputation(settled=s, challenged=ch) for h, (s, ch) in counts.items()}
+    async def ledger(self, as_of: int) -> ReplayResult:
+        """The replay result itself, for callers that ask it several things
+        (funds, spend keys, hosts' records) from one replay."""
+        return await self._run(self.store.replay, as_of)
 
     async def close(self) -> None:
         async with self._lock:

@@ -122,9 +122,10 @@ class TaskService:
             raise AemError(errors.REFUSED, f"price {price} exceeds what the payer authorised")
         if auth.spend_key in self._in_flight:
             raise AemError(errors.REFUSED, "this spend key is already being worked on here")
-        funds = await node.store.payer_funds(task.payer, auth.spend_key, now)
-        if funds is None:
+        ledger = await node.store.ledger(now)
+        if ledger.spend_key_used(task.payer, auth.spend_key):
             raise AemError(errors.REFUSED, "this spend key has already been charged")
+        funds = ledger.available(task.payer)
         if funds < price:
             raise AemError(errors.REFUSED, f"the payer has {funds} micro-credits available, the task costs {price}")
         return cap, price
@@ -217,7 +218,9 @@ class TaskService:
         auth = SpendAuthorization(net=node.net, payer=node.key.public, spend_key=os.urandom(32),
                                   task_hash=task.id, max_charge=task.max_price,
                                   expires_at=now + SPEND_AUTH_TTL_S, sig=b"").signed(node.key)
-        reputation = await node.store.reputation(now)
+        ledger = await node.store.ledger(now)
+        reputation = {h: router.Reputation(settled=s, challenged=v)
+                      for h, (s, v) in ledger.receipt_record().items()}
         ranked = router.rank(list(node.mesh.ads.values()), task, cards=node.mesh.cards,
                              reputation=reputation, self_key=node.key.public, now=now,
                              locality=str(node.opts.capacity.get("locality", "")))
@@ -225,7 +228,7 @@ class TaskService:
             raise AemError(errors.NOT_FOUND,
                            f"no host in the mesh serves {task.kind} tasks in domain {task.domain!r}"
                            f" at a price up to {task.max_price}")
-        funds = await node.store.payer_funds(node.key.public, auth.spend_key, now) or 0
+        funds = ledger.available(node.key.public)
         cheapest = min(c.price for _, c in ranked)
         if funds < cheapest:
             raise AemError(errors.REFUSED, f"not enough credits: {funds} micro-credits available, "

@@ -40,7 +40,7 @@ from ledger import reasons
 from ledger.facts import Context, Fact, examine_many, paused_gc
 from ledger.feeds import Feed, Rewind, extend
 from ledger.rules import Params, apply, challenge_pass, genesis_state
-from ledger.state import SETTLED, LedgerState, final_view, state_root
+from ledger.state import SETTLED, VOIDED, LedgerState, final_view, state_root
 from protocol import errors
 from protocol.entry import Entry
 from protocol.errors import AemError
@@ -128,6 +128,26 @@ class ReplayResult:
             self._root = state_root(self._view, self.checkpoint.net, self.as_of, self.frozen)
             self._view = None
         return self._root
+
+    def available(self, account: bytes) -> int:
+        return self.balances.get(account, (0, 0))[0]
+
+    def spend_key_used(self, payer: bytes, spend_key: bytes) -> bool:
+        """Whether a receipt has already charged this (payer, spend key)."""
+        return payer + spend_key in self.checkpoint.state.spent
+
+    def receipt_record(self) -> dict[bytes, tuple[int, int]]:
+        """Per host: (receipts settled or due as of this replay, receipts
+        voided by a challenge), the ledger's evidence of a host's record."""
+        st = self.checkpoint.state
+        out: dict[bytes, list[int]] = {}
+        for rid, (host, _payer, _amount, settle_at, status) in st.receipts.items():
+            c = out.setdefault(host, [0, 0])
+            if status == VOIDED or rid in st.challenged:
+                c[1] += 1
+            elif status == SETTLED or settle_at <= self.as_of:
+                c[0] += 1
+        return {h: (s, v) for h, (s, v) in out.items()}
 
     def to_json(self) -> dict[str, Any]:
         """The shape `aemctl ledger-replay --json` prints (bytes as hex)."""
