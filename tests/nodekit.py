@@ -39,7 +39,7 @@ n_ctx = 512
 n_threads = 1
 task_timeout_s = 120
 [codepatch]
-timeout_s = 10
+timeout_s = 20
 """
 
 

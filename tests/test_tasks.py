@@ -169,7 +169,7 @@ def test_host_killed_mid_task_retries_and_charges_once(task_mesh, tmp_path):
     repo.mkdir()
     (repo / "test_slow.py").write_text(
         "import time, unittest\n\nclass T(unittest.TestCase):\n"
-        "    def test_slow(self):\n        time.sleep(4)\n")
+        "    def test_slow(self):\n        time.sleep(6)\n")
     wait_for("earlier receipts everywhere", lambda: len({(r["entries"], r["state_root"])
                                                          for r in replays(mesh.nodes)}) == 1, timeout=90)
     before = p.call("ledger_replay")["balances"][p.account.hex()]["available"]
