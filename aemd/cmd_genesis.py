@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException
 from pathlib import Path
 
 from aemd.cliutil import add_home, add_json, fmt_credits, print_json
@@ -17,16 +17,21 @@ from protocol.errors import AemError
 from protocol.genesis import CREDIT_BASES, DEFAULT_LIMITS, Genesis, Grant, MintRate
 
 MICRO = 1_000_000
+MAX_CREDITS = Decimal(2**62) / MICRO   # the wire's AMOUNT bound, in credits (exact)
 
 
 def parse_credits(text: str) -> int:
     """'12.5' credits -> 12_500_000 micro-credits, exactly (no floats)."""
     try:
         d = Decimal(text)
-    except InvalidOperation:
+        if not d.is_finite():
+            raise AemError(errors.BAD_VALUE, f"amount must be a finite number of credits: {text!r}")
+        if abs(d) > MAX_CREDITS:     # before scaling: 1e999999 * MICRO overflows Decimal
+            raise AemError(errors.BAD_VALUE, f"amount must be at most {MAX_CREDITS} credits: {text!r}")
+        micro = d * MICRO
+    except DecimalException:
         raise AemError(errors.BAD_VALUE, f"not an amount of credits: {text!r}") from None
-    micro = d * MICRO
-    if not d.is_finite() or micro != micro.to_integral_value() or micro < 0:
+    if micro != micro.to_integral_value() or micro < 0:
         raise AemError(errors.BAD_VALUE, f"amount must be >= 0 with at most 6 decimals: {text!r}")
     return int(micro)
 

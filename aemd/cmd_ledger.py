@@ -8,6 +8,7 @@ while a daemon writes) and ``<home>/genesis.aem``; no daemon is needed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections import Counter
@@ -118,17 +119,29 @@ def _replay(args: argparse.Namespace) -> int:
             prog.done()
         finally:
             store.close()
+    me = _own_account(home)
     if args.json:
         out = res.to_json()
         if not args.events:
             out.pop("events")
+        out["self"] = me            # this home's own account (hex), or None
         print_json(out)
     else:
-        _print_replay(res, args.events)
+        _print_replay(res, args.events, me=me)
     return EXIT_OK
 
 
-def _print_replay(res: ReplayResult, events: bool) -> None:
+def _own_account(home: Home) -> bytes | None:
+    """The home's own account: the public key its keystore records in the
+    clear (no passphrase needed); None when the home has no readable one."""
+    try:
+        pub = bytes.fromhex(json.loads(home.keystore.read_text())["public"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pub if len(pub) == 32 else None
+
+
+def _print_replay(res: ReplayResult, events: bool, *, me: bytes | None = None) -> None:
     print(f"as of        {res.as_of}")
     print(f"entries      {res.entries} ({res.applied} applied, {len(res.rejected)} not applied)")
     print(f"supply       {fmt_credits(res.granted + res.minted - res.burned)} "
@@ -136,7 +149,8 @@ def _print_replay(res: ReplayResult, events: bool) -> None:
     print()
     print(f"{'account':<64}  {'available':>20}  {'pending':>20}")
     for acct, (av, pe) in res.balances.items():
-        print(f"{_short(acct):<64}  {fmt_credits(av):>20}  {fmt_credits(pe):>20}")
+        mark = "  (this node)" if acct == me else ""
+        print(f"{_short(acct):<64}  {fmt_credits(av):>20}  {fmt_credits(pe):>20}{mark}")
     if res.rejected:
         print()
         print("not applied:")
@@ -159,20 +173,39 @@ def _print_replay(res: ReplayResult, events: bool) -> None:
 
 # -- ledger-export / ledger-import ------------------------------------------------
 
+def _export_target(file: str) -> Path:
+    """The export file's path, refused before any work when it cannot be
+    written: its directory missing, or a directory in its place."""
+    path = Path(file).expanduser()
+    if path.is_dir():
+        raise AemError(errors.BAD_VALUE, f"{path} is a directory; give a file name")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise AemError(errors.NOT_FOUND, f"no directory {parent} to write {path.name} in")
+    if not os.access(parent, os.W_OK):
+        raise AemError(errors.REFUSED, f"cannot write in {parent}")
+    return path
+
+
 def _export(args: argparse.Namespace) -> int:
     home = Home(resolve_home(args.home))
     g = _genesis(home)
+    path = _export_target(args.file)
     store = _store(home, g)
+    part = path.with_name(f".{path.name}.part")   # LogWriter's side file
     try:
         prog = Progress("exporting", store.count())
-        with LogWriter(Path(args.file), g.network_id) as w:
+        with LogWriter(path, g.network_id) as w:
             for data in store.iter_entries():
                 w.add(data)
                 prog.update(w.count)
             n = w.count
         prog.done()
+    except OSError as exc:
+        raise AemError(errors.UNAVAILABLE, f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         store.close()
+        part.unlink(missing_ok=True)   # whatever failed (even at the final rename), no .part stays
     if args.json:
         print_json({"file": args.file, "entries": n})
     else:

@@ -16,6 +16,8 @@ from aemd.cliutil import add_home, add_json, fmt_credits, print_json
 from aemd.cmd_genesis import parse_credits, parse_key
 from aemd.home import Home, read_passphrase, resolve_home
 from aemd.identity import load_node
+from protocol import errors
+from protocol.errors import AemError
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -52,20 +54,59 @@ def register_aemd(sub: argparse._SubParsersAction) -> None:
                         "added to the config's list)")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted identity")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="log verbosity (default from config: warning)")
+                   help="log verbosity (default from config: info)")
     p.set_defaults(func=_start)
 
 
 def _start(args: argparse.Namespace) -> int:
     home = Home(resolve_home(args.home))
+    if home.root.exists() and not home.root.is_dir():
+        raise AemError(errors.CONFIG, f"{home.root} is a file, not a node home")
     key, genesis, cfg = load_node(home, read_passphrase(args.passphrase_file))
     setup_logging(args.log_level or cfg["node"]["log_level"])
-    from aemd.node import Node, NodeOptions  # libp2p loads only for the daemon, not for aemctl
+    from aemd.node import HomeLock, Node, NodeOptions  # libp2p loads only for the daemon, not for aemctl
+    with HomeLock(home):
+        pass  # a second `aemd start` on a live home: one line now, before anything starts
+    _warn_gpu(cfg)
     node = Node(home, key, genesis, NodeOptions.from_config(cfg, args.listen, args.bootstrap))
     from aemd import services  # task serving: executors, router, task protocol
-    services.install(node, cfg)
-    trio.run(_serve, node)
+    svc = services.install(node, cfg)
+    from aemd import api  # the HTTP API, status page and metrics ([api]); a bad section stops here
+    api.install(node, cfg, svc)
+    try:
+        trio.run(_serve, node)
+    except BaseExceptionGroup as group:
+        # The node's nurseries wrap a start-up failure (port in use, bad
+        # address, locked home) in groups: hand run_main the one error inside.
+        leaf = _only_error(group)
+        if leaf is None:
+            raise
+        raise leaf from None
     return 0
+
+
+def _warn_gpu(cfg: dict) -> None:
+    if cfg["llama"]["n_gpu_layers"] == 0:
+        return
+    from aemd import gpu
+    if not gpu.offload_supported():
+        logging.getLogger("aemd.node").warning(
+            "[llama] n_gpu_layers = %r, but this llama.cpp build has no GPU offload: models run "
+            "on the CPU (README: GPU; `aemctl doctor`)", cfg["llama"]["n_gpu_layers"])
+
+
+def _only_error(group: BaseExceptionGroup) -> BaseException | None:
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        elif not isinstance(e, trio.Cancelled):
+            leaves.append(e)
+    walk(group)
+    aem = [e for e in leaves if isinstance(e, AemError)]
+    return aem[0] if aem else (leaves[0] if len(leaves) == 1 else None)
 
 
 async def _serve(node) -> None:
@@ -77,9 +118,12 @@ async def _serve(node) -> None:
             print(f"peer id  {st['peer_id']}", flush=True)
             for a in st["addrs"]:
                 print(f"listen   {a}", flush=True)
+            if node.api_url:
+                print(f"api      {node.api_url}/v1  (status page {node.api_url}/)", flush=True)
             print(f"control  {node.home.socket}", flush=True)
             async for _ in signals:
                 print("stopping", flush=True)
+                await node.withdraw_ads()   # while the host still runs: routers drop us now
                 nursery.cancel_scope.cancel()
                 break
 
@@ -138,7 +182,22 @@ def _status(args: argparse.Namespace) -> int:
         print(f"listen       {a}")
     print(f"peers        {st['peers_connected']} connected, {st['cards_known']} cards, {st['ads_known']} ads")
     print(f"log          {st['log_entries']} entries")
-    print(f"state root   {st['state_root']}")
+    as_of = st.get("state_root_as_of")
+    when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(as_of)) if isinstance(as_of, int) else "now"
+    print(f"state root   {st['state_root']}  (replay as of {when}, the newest entry)")
+    g = st.get("gpu")
+    if isinstance(g, dict):
+        build = {True: "GPU offload", False: "CPU only", None: "unknown"}[g.get("offload_supported")]
+        mem = ", ".join(f"{x['name']} {x['free_mb']}/{x['total_mb']} MB free" for x in g.get("gpus", [])) \
+            or "GPU memory unknown"
+        print(f"gpu          llama.cpp build: {build}; {mem}; {g.get('layers_offloaded', 0)} layers offloaded "
+              f"(n_gpu_layers = {g.get('n_gpu_layers')!r})")
+    bal = st.get("balance")
+    if bal:
+        nxt = bal.get("next_settlement")
+        print(f"balance      {fmt_credits(bal['available'])} available, {fmt_credits(bal['pending'])} pending"
+              + (f" (next settlement: {fmt_credits(nxt['amount'])} in {nxt['in_s']} s)" if nxt else ""))
+    print(f"api          {st.get('api') or 'off'}")
     return 0
 
 
@@ -155,7 +214,7 @@ def _peers(args: argparse.Namespace) -> int:
             continue
         flag = "connected" if p["connected"] else "via gossip"
         print(f"{p['peer_id']}  {flag:10}  load {p['load']:3}%  gpu {p['gpu'] or '-'}  "
-              f"vram {p['vram_mb']} MB  {p['locality'] or ''}")
+              f"vram {p['vram_mb']} MB  gpu layers {p.get('gpu_layers', 0)}  {p['locality'] or ''}")
     return 0
 
 
@@ -167,15 +226,27 @@ def _ads(args: argparse.Namespace) -> int:
     if not ads:
         print("no advertisements known")
     for a in ads:
+        model = a.get("model") or "-"
+        if a.get("size_bytes"):
+            model += f" ({_size(a['size_bytes'])}{', ' + a['quantization'] if a.get('quantization') else ''})"
         print(f"{a['capsule_id'][:16]}  {a['kind']:10}  {a['domain']:16}  {fmt_credits(a['price'])} cr  "
-              f"host {a['peer_id']}")
+              f"{model}  host {a['peer_id']}")
     return 0
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
 
 
 def _connect(args: argparse.Namespace) -> int:
     res = _call(args, "connect", {"addr": args.addr})
     if args.json:
         print_json(res)
+    elif res.get("already_connected"):
+        print(f"already connected to {res['peer_id']}; {args.addr} was not dialled")
     else:
         print(f"connected to {res['peer_id']}")
     return 0

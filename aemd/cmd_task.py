@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +23,13 @@ from crypto.hashing import H
 from protocol import errors
 from protocol.errors import AemError
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.task import MAX_PATCH, MAX_REPO_TAR
+from protocol.task import MAX_PATCH, MAX_PROMPT, MAX_REPO_TAR, MAX_TOKENS, TaskPacket
+
+# The TaskPacket schema's own bounds, so the command refuses what the node would.
+_TASK_FIELDS = dict(TaskPacket._schema())
+MAX_SEED = _TASK_FIELDS["seed"].hi
+MAX_TEMPERATURE_MILLI = _TASK_FIELDS["temperature_milli"].hi
+MAX_LATENCY_BUDGET_MS = _TASK_FIELDS["latency_budget_ms"].hi
 
 CODE_PATCH_ARTEFACT = b"aem code-patch verifier v1"
 
@@ -47,7 +57,7 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", nargs="*", default=[], help="capability tags")
     p.add_argument("--price", required=True, metavar="CREDITS", help="price per task in credits")
     p.add_argument("--name", help="a display name (default: the file name)")
-    p.add_argument("--max-concurrency", type=int, default=1, help="tasks served at once (default 1)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="tasks served at once, 1..1024 (default 1)")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted identity")
     add_home(p)
     add_json(p)
@@ -72,8 +82,12 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
                     "is never paid twice.")
     p.add_argument("--domain", required=True, help="task domain")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="text task: the prompt")
+    what.add_argument("--message", metavar="TEXT",
+                      help="chat task: your message; the host applies its model's own chat template "
+                           "(use this with instruct models)")
+    what.add_argument("--prompt", help="text task: a raw completion of this prompt (no chat template)")
     what.add_argument("--patch", metavar="FILE", help="code-patch task: a unified diff")
+    p.add_argument("--system", metavar="TEXT", help="chat task: a system message before --message")
     p.add_argument("--repo", metavar="DIR", help="code-patch task: the repository to patch")
     p.add_argument("--test-cmd", metavar="CMD", help="code-patch task: the test command, e.g. 'python3 -m unittest'")
     p.add_argument("--tags", nargs="*", default=[], help="capability tags the host must have")
@@ -82,7 +96,8 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="text task: sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="text task: sampling temperature; 0 (default) is deterministic")
-    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="give up after (default 600)")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="give up after this many seconds in all, exit 5 (default 600)")
     add_home(p)
     add_json(p)
     p.set_defaults(func=_submit)
@@ -143,26 +158,55 @@ def make_manifest(key, net: bytes, args: argparse.Namespace, cfg: dict) -> tuple
     return m.signed(key), str(path)
 
 
+MAX_CONCURRENCY = 1024     # HostAdvertisement.max_concurrency's wire bound
+
+
+def _same_capsule(a: ExpertCapsuleManifest, b: ExpertCapsuleManifest) -> bool:
+    """The same expert offered the same way: adding it again is not a new capsule."""
+    return (a.kind, a.content_hash, a.domain, a.tags, a.author) == (b.kind, b.content_hash, b.domain, b.tags, b.author)
+
+
 def _expert_add(args: argparse.Namespace) -> int:
     home = _home(args)
     key, genesis, cfg = load_node(home, read_passphrase(args.passphrase_file))
-    if args.max_concurrency < 1:
-        raise AemError(errors.BAD_VALUE, "--max-concurrency must be at least 1")
+    if not 1 <= args.max_concurrency <= MAX_CONCURRENCY:
+        raise AemError(errors.BAD_VALUE, f"--max-concurrency must be 1..{MAX_CONCURRENCY}")
+    price = parse_credits(args.price)
     manifest, path = make_manifest(key, genesis.network_id, args, cfg)
     roles = ("code_patch",) if manifest.kind == "code_patch" else ("inference",)
-    cap = LocalCapsule(manifest, Serving(path=path, price=parse_credits(args.price), roles=roles,
-                                         max_concurrency=args.max_concurrency))
-    save_capsule(home, cap)
-    live = _notify(home)
+    serving = Serving(path=path, price=price, roles=roles, max_concurrency=args.max_concurrency)
+    # Idempotent: the same expert (kind, content, domain, tags) keeps its
+    # capsule id; only its serving settings (price, concurrency, path) change.
+    existing = next((c for c in list_capsules(home) if _same_capsule(c.manifest, manifest)), None)
+    state = "added"
+    if existing is not None:
+        manifest = existing.manifest
+        state = "unchanged" if existing.serving == serving else "updated"
+    cap = LocalCapsule(manifest, serving)
+    if state != "unchanged":
+        save_capsule(home, cap)
+    try:
+        live = _notify(home)
+    except AemError:
+        # The node refused it: leave the home as it was, so a failed command
+        # leaves no capsule behind to be served at the next start.
+        if existing is None:
+            remove_capsule(home, cap.id.hex())
+        elif state == "updated":
+            save_capsule(home, existing)
+        raise
     if args.json:
-        print_json({"capsule_id": cap.id, "manifest": manifest.to_map(), "advertised": live})
+        print_json({"capsule_id": cap.id, "manifest": manifest.to_map(), "advertised": live, "state": state})
     else:
-        print(f"capsule {cap.id.hex()}")
+        note = {"added": "", "updated": " (already hosted: settings updated)",
+                "unchanged": " (already hosted: nothing changed)"}[state]
+        print(f"capsule {cap.id.hex()}{note}")
         print(f"  {manifest.kind} {manifest.name}  domain {manifest.domain}  price {fmt_credits(cap.serving.price)}")
         if manifest.kind == "gguf":
             print(f"  {manifest.architecture}, {manifest.n_params:,} parameters, {manifest.quantization}, "
                   f"needs ~{manifest.vram_need_mb} MB")
-        print("  advertised now" if live else "  will be advertised when the node starts")
+        print("  advertised now" if live else
+              "  saved; no node is running: it will be advertised when the node starts")
     return 0
 
 
@@ -186,9 +230,17 @@ def _expert_list(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_CAPSULE_PREFIX = 4
+
+
 def _expert_remove(args: argparse.Namespace) -> int:
     home = _home(args)
-    cap = remove_capsule(home, args.capsule)
+    prefix = args.capsule.strip().lower()
+    # An empty or short prefix would match whatever capsule happens to be alone.
+    if len(prefix) < MIN_CAPSULE_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+        raise AemError(errors.BAD_VALUE, f"give at least {MIN_CAPSULE_PREFIX} hex digits of the capsule id "
+                                         "(`aemctl expert list` shows them)")
+    cap = remove_capsule(home, prefix)
     live = _notify(home)
     if args.json:
         print_json({"removed": cap.id, "withdrawn": live})
@@ -197,27 +249,95 @@ def _expert_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_TIMEOUT_S = 24 * 3600
+
+
+def _text_args(args: argparse.Namespace) -> dict:
+    """The text-task arguments, each checked here so a bad value is a one-line
+    error before anything reaches the node."""
+    if args.repo or args.test_cmd:
+        raise AemError(errors.BAD_VALUE, "--repo and --test-cmd go with --patch")
+    if not math.isfinite(args.temperature) or not 0 <= args.temperature <= MAX_TEMPERATURE_MILLI / 1000:
+        raise AemError(errors.BAD_VALUE, f"--temperature must be a number from 0 to {MAX_TEMPERATURE_MILLI / 1000:g}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise AemError(errors.BAD_VALUE, f"--seed must be an integer from 0 to {MAX_SEED}")
+    if not 1 <= args.max_tokens <= MAX_TOKENS:
+        raise AemError(errors.BAD_VALUE, f"--max-tokens must be from 1 to {MAX_TOKENS}")
+    out: dict = dict(kind="text", max_tokens=args.max_tokens, seed=args.seed,
+                     temperature_milli=int(round(args.temperature * 1000)))
+    if args.message is not None:
+        if not args.message:
+            raise AemError(errors.BAD_VALUE, "--message is empty")
+        msgs = [{"role": "system", "content": args.system}] if args.system else []
+        out["messages"] = msgs + [{"role": "user", "content": args.message}]
+        size = sum(len(m["content"].encode("utf-8", "replace")) for m in out["messages"])
+    else:
+        if args.system is not None:
+            raise AemError(errors.BAD_VALUE, "--system goes with --message (a chat), not --prompt")
+        if not args.prompt:
+            raise AemError(errors.BAD_VALUE, "--prompt is empty")
+        out["prompt"] = args.prompt
+        size = len(args.prompt.encode("utf-8", "replace"))
+    if size > MAX_PROMPT:
+        raise AemError(errors.TOO_LARGE, f"the text is longer than {MAX_PROMPT} bytes")
+    return out
+
+
+def _code_args(args: argparse.Namespace) -> dict:
+    if args.system is not None:
+        raise AemError(errors.BAD_VALUE, "--system goes with --message")
+    if not args.repo or not args.test_cmd:
+        raise AemError(errors.BAD_VALUE, "a code-patch task needs --patch, --repo and --test-cmd")
+    try:
+        test_cmd = shlex.split(args.test_cmd)
+    except ValueError as exc:
+        raise AemError(errors.BAD_VALUE, f"--test-cmd: {exc}") from None
+    if not test_cmd:
+        raise AemError(errors.BAD_VALUE, "--test-cmd is empty")
+    from aemd.executors import build_tar
+    path = Path(args.patch)
+    if not path.is_file():
+        raise AemError(errors.NOT_FOUND, f"--patch: no file at {path}"
+                       + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with path.open("rb") as fh:
+            patch = fh.read(MAX_PATCH + 1)
+    except OSError as exc:
+        raise AemError(errors.NOT_FOUND, f"--patch: cannot read {path}: {exc.strerror}") from None
+    if len(patch) > MAX_PATCH:
+        raise AemError(errors.TOO_LARGE, f"the patch is larger than {MAX_PATCH} bytes")
+    repo = build_tar(args.repo)
+    if len(repo) > MAX_REPO_TAR:
+        raise AemError(errors.TOO_LARGE, f"the repository is larger than {MAX_REPO_TAR} bytes as a tar")
+    return dict(kind="code_patch", patch=patch.decode("utf-8", "replace"), repo_tar=repo, test_cmd=test_cmd)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise AemError(TIMEOUT) when ``seconds`` have passed in all: the socket's
+    own timeout only bounds each read, and a streaming task reads often."""
+    def expire(signum, frame):
+        raise AemError(errors.TIMEOUT, f"no result within --timeout {seconds:g} s")
+    if threading.current_thread() is not threading.main_thread():
+        yield                         # signals reach the main thread only; the socket timeout still holds
+        return
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _submit(args: argparse.Namespace) -> int:
     home = _home(args)
+    if not math.isfinite(args.timeout) or not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise AemError(errors.BAD_VALUE, f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}")
     cargs: dict = {"domain": args.domain, "tags": list(args.tags), "max_price": parse_credits(args.max_price)}
-    if args.prompt is not None:
-        if args.repo or args.test_cmd:
-            raise AemError(errors.BAD_VALUE, "--repo and --test-cmd go with --patch, not --prompt")
-        temp = int(round(args.temperature * 1000))
-        cargs.update(kind="text", prompt=args.prompt, max_tokens=args.max_tokens, seed=args.seed,
-                     temperature_milli=temp)
-    else:
-        if not args.repo or not args.test_cmd:
-            raise AemError(errors.BAD_VALUE, "a code-patch task needs --patch, --repo and --test-cmd")
-        from aemd.executors import build_tar
-        patch = Path(args.patch).read_bytes()
-        if len(patch) > MAX_PATCH:
-            raise AemError(errors.TOO_LARGE, f"the patch is larger than {MAX_PATCH} bytes")
-        repo = build_tar(args.repo)
-        if len(repo) > MAX_REPO_TAR:
-            raise AemError(errors.TOO_LARGE, f"the repository is larger than {MAX_REPO_TAR} bytes as a tar")
-        cargs.update(kind="code_patch", patch=patch.decode("utf-8", "replace"), repo_tar=repo,
-                     test_cmd=shlex.split(args.test_cmd))
+    cargs.update(_text_args(args) if args.patch is None else _code_args(args))
+    # The node gives up on a host when this budget has passed, too.
+    cargs["latency_budget_ms"] = min(int(args.timeout * 1000), MAX_LATENCY_BUDGET_MS)
 
     def on_event(ev: dict) -> None:
         if args.json:
@@ -229,7 +349,8 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"\n[host {ev['host'][:12]} failed: {ev['outcome']} {ev['detail']}; trying the next]",
                   file=sys.stderr)
 
-    res = control.call(home.socket, "submit_task", cargs, on_event=on_event, timeout=args.timeout)
+    with _deadline(args.timeout):
+        res = control.call(home.socket, "submit_task", cargs, on_event=on_event, timeout=args.timeout)
     if args.json:
         out = dict(res)
         out["output"] = res["output"].decode("utf-8", "replace")

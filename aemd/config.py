@@ -21,7 +21,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "listen": ["/ip4/0.0.0.0/tcp/4001"],
         "bootstrap": [],
         "mdns": False,
-        "log_level": "warning",
+        "log_level": "info",
     },
     "capacity": {
         "gpu": "",
@@ -50,6 +50,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_mb": 1024,
         "max_procs": 64,
     },
+    "api": {
+        "enabled": True,
+        "listen": "127.0.0.1:8411",
+        "token": "",
+        "max_price": "1",
+    },
 }
 
 TEMPLATE = """\
@@ -63,8 +69,9 @@ listen = ["/ip4/0.0.0.0/tcp/4001"]
 bootstrap = []
 # Find peers on the local network with mDNS (off by default).
 mdns = false
-# debug, info, warning or error.
-log_level = "warning"
+# debug, info, warning or error. At info: one line per peer joining or
+# leaving, per task served or routed, per capsule loaded.
+log_level = "info"
 
 [capacity]
 # What this node advertises in its NodeCard. 0 means "detect" for ram_mb and
@@ -89,7 +96,9 @@ batch = 512
 
 [llama]
 # Context length, CPU threads (0: half the cores, which is where llama.cpp's
-# memory-bound generation peaks), layers offloaded to the GPU (0: none).
+# memory-bound generation peaks), layers offloaded to the GPU: 0 none, -1 all,
+# "auto" what fits in the GPU's free memory (needs a GPU build of llama.cpp;
+# `aemctl doctor` says whether this one is).
 n_ctx = 2048
 n_threads = 0
 n_gpu_layers = 0
@@ -102,6 +111,19 @@ task_timeout_s = 300
 timeout_s = 60
 memory_mb = 1024
 max_procs = 64
+
+[api]
+# The OpenAI-compatible HTTP API (/v1/...), the status page (/) and
+# Prometheus metrics (/metrics), served by `aemd start`.
+enabled = true
+# HOST:PORT; port 0 picks a free port (`aemctl status` shows it). Anything
+# but a loopback address needs a token: the API spends this node's credits.
+listen = "127.0.0.1:8411"
+# Bearer token every request must carry (Authorization: Bearer TOKEN);
+# empty: none (allowed on loopback only).
+token = ""
+# Most a task may cost, in credits, when a request names no aem_max_price.
+max_price = "1"
 """
 
 
@@ -123,6 +145,11 @@ def load_config(path: Path) -> dict[str, dict[str, Any]]:
             if key not in DEFAULTS[section]:
                 raise AemError(errors.CONFIG, f"{path}: unknown key {section}.{key}")
             want = type(DEFAULTS[section][key])
+            if section == "llama" and key == "n_gpu_layers":
+                if value != "auto" and (type(value) is not int or value < -1):
+                    raise AemError(errors.CONFIG, f'{path}: llama.n_gpu_layers must be an integer >= -1 or "auto"')
+                cfg[section][key] = value
+                continue
             if type(value) is not want or (want is list and not all(isinstance(x, str) for x in value)):
                 raise AemError(errors.CONFIG, f"{path}: {section}.{key} must be a {want.__name__}")
             if want is int and value < 0:

@@ -8,10 +8,17 @@ A client sends one request ``{"cmd": NAME, "args": {...}}`` per connection.
 The server answers with zero or more events ``{"event": KIND, ...}`` (streamed
 output, progress) and then exactly one final ``{"ok": true, "result": ...}``
 or ``{"ok": false, "code": CODE, "detail": TEXT}``.
+
+The server checks a request as it would a peer's message (:func:`check_request`:
+known fields only, a short string ``cmd``, a map of at most MAX_ARGS string
+keys, nesting at most MAX_DEPTH), and a handler's unexpected exception becomes
+an ``INTERNAL`` error reply, logged with its traceback: no local request can
+stop the node.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -25,6 +32,12 @@ from protocol import errors
 from protocol.errors import AemError
 
 MAX_FRAME = 32 << 20
+MAX_CMD = 64          # characters of a command name or an argument name
+MAX_ARGS = 64         # argument fields of one request
+MAX_DEPTH = 8         # nesting of argument values (chat messages are 3 deep)
+MAX_DETAIL = 1000     # characters of an error reply's detail
+
+log = logging.getLogger("aemd.control")
 _LEN = struct.Struct(">I")
 
 Emit = Callable[[dict], Awaitable[None]]
@@ -99,23 +112,67 @@ async def _serve_one(conn: trio.SocketStream, handlers: dict[str, Handler]) -> N
                 if n > MAX_FRAME:
                     raise AemError(errors.TOO_LARGE, "control request over the frame limit")
                 req = _unpack(await _recv_exact(conn, n))
-            handler = handlers.get(req.get("cmd"))
+            cmd, args = check_request(req)
+            handler = handlers.get(cmd)
             if handler is None:
-                raise AemError(errors.NOT_FOUND, f"unknown control command {req.get('cmd')!r}")
-            args = req.get("args") or {}
-            if not isinstance(args, dict):
-                raise AemError(errors.BAD_TYPE, "control args must be a map")
-            result = await handler(args, emit)
-            await conn.send_all(_pack({"ok": True, "result": result}))
+                raise AemError(errors.NOT_FOUND, f"unknown control command {cmd[:64]!r}")
+            try:
+                result = await handler(args, emit)
+                reply = _pack({"ok": True, "result": result})
+            except (AemError, trio.Cancelled, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the node
+                log.exception("control command %r failed", cmd)
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                raise AemError(errors.INTERNAL, f"{cmd}: {detail}") from None
+            await conn.send_all(reply)
         except AemError as exc:
             try:
-                await conn.send_all(_pack({"ok": False, "code": exc.code, "detail": exc.detail}))
+                await conn.send_all(_pack({"ok": False, "code": str(exc.code)[:64],
+                                           "detail": str(exc.detail)[:MAX_DETAIL]}))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         except trio.TooSlowError:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; its request's work is already accounted
+
+
+def check_request(req: dict) -> tuple[str, dict]:
+    """A request's ``cmd`` and ``args``, checked like a peer's message: the
+    local user is another process, and a malformed request must get an error
+    reply, not reach a handler with a type it never expected. Handlers still
+    check each argument they read (type and range)."""
+    unknown = set(req) - {"cmd", "args"}
+    if unknown:
+        raise AemError(errors.UNKNOWN_FIELD, f"control request: unknown field {sorted(map(str, unknown))[0][:64]!r}")
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str) or not 0 < len(cmd) <= MAX_CMD:
+        raise AemError(errors.BAD_TYPE, "control request: cmd must be a short string")
+    args = req.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise AemError(errors.BAD_TYPE, "control args must be a map")
+    if len(args) > MAX_ARGS:
+        raise AemError(errors.TOO_LARGE, f"control args: more than {MAX_ARGS} fields")
+    for k in args:
+        if not isinstance(k, str) or len(k) > MAX_CMD:
+            raise AemError(errors.BAD_TYPE, "control args: every key must be a short string")
+    _check_depth(args, 0)
+    return cmd, args
+
+
+def _check_depth(v: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise AemError(errors.TOO_DEEP, f"control args nested deeper than {MAX_DEPTH}")
+    if isinstance(v, dict):
+        for x in v.values():
+            _check_depth(x, depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _check_depth(x, depth + 1)
 
 
 # -- client (inside aemctl; plain blocking sockets) -----------------------------

@@ -11,9 +11,9 @@ import importlib
 import sys
 from typing import Sequence
 
-from aemd.cliutil import run_main
+from aemd.cliutil import add_global_options, run_main
 
-COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task", "aemd.cmd_ledger"]
+COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task", "aemd.cmd_ledger", "aemd.doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `aemctl COMMAND --help` for the options of each command. "
                "Exit codes: 0 ok, 1 failed, 2 usage, 3 no node running, 4 problems found, 5 timeout.",
     )
+    add_global_options(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_ctl(sub)

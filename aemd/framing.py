@@ -40,6 +40,16 @@ or with plain trio, when the caller wants to handle the timeout itself::
     if scope.cancelled_caught:
         ...
 
+Streams served through :meth:`aemd.p2p.P2PNode.set_stream_handler` carry a
+``frame_policy`` (:class:`FramePolicy`): then a frame's body, once its header
+has arrived, must arrive within ``policy.frame_deadline(length)`` (a peer that
+trickles a frame byte by byte fails with ``AemError(TIMEOUT)`` and is reported
+to ``policy.abuse``), and every chunk is charged to ``policy.take`` as it
+arrives and given back when the frame is complete or failed: the bytes of
+incomplete frames are bounded per peer and in all, and nothing is reserved
+for a frame before its bytes arrive (chunks are kept as they come, never an
+allocation of the announced length).
+
 One more stack fact (STACK-NOTES, Streams): a receiver that stops reading for
 ~5 s makes a writer's stream reset after ~4 MB (Yamux window timeout), so a
 reader should keep reading, and big transfers should be split into frames that
@@ -67,6 +77,7 @@ from protocol.errors import (
 __all__ = [
     "HEADER_LEN",
     "MAX_FRAME_LEN",
+    "FramePolicy",
     "FrameStream",
     "deadline",
     "read_exact",
@@ -95,6 +106,20 @@ class FrameStream(Protocol):
     async def read(self, n: int | None = None) -> bytes: ...
 
     async def write(self, data: bytes) -> None: ...
+
+
+class FramePolicy(Protocol):
+    """Limits a stream's owner puts on inbound frames (see the module docstring)."""
+
+    def frame_deadline(self, length: int) -> float: ...
+
+    def take(self, n: int) -> None:
+        """Charge ``n`` arrived bytes; raise AemError to refuse them."""
+        ...
+
+    def give(self, n: int) -> None: ...
+
+    def abuse(self, reason: str) -> None: ...
 
 
 class _EOF(Exception):
@@ -128,21 +153,31 @@ async def _read_some(stream: FrameStream, n: int) -> bytes:
         raise AemError(UNAVAILABLE, f"stream read failed: {type(exc).__name__}: {exc}") from exc
 
 
-async def _read_exact(stream: FrameStream, n: int) -> bytes:
-    """Exactly ``n`` bytes, or :class:`_EOF` carrying how many arrived."""
+async def _read_exact(stream: FrameStream, n: int, policy: FramePolicy | None = None) -> bytes:
+    """Exactly ``n`` bytes, or :class:`_EOF` carrying how many arrived.
+
+    With ``policy``, each chunk is charged as it arrives and the total given
+    back on the way out (the frame is then the caller's, bounded by how many
+    handlers run)."""
     if n == 0:
         return b""
     chunks: list[bytes] = []
     got = 0
-    while got < n:
-        chunk = await _read_some(stream, n - got)
-        if not chunk:
-            raise _EOF(got, n)
-        if len(chunk) > n - got:  # a stream must never over-deliver; refuse if it does
-            raise AemError(UNAVAILABLE, f"stream returned {len(chunk)} bytes for a {n - got}-byte read")
-        chunks.append(chunk)
-        got += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while got < n:
+            chunk = await _read_some(stream, n - got)
+            if not chunk:
+                raise _EOF(got, n)
+            if len(chunk) > n - got:  # a stream must never over-deliver; refuse if it does
+                raise AemError(UNAVAILABLE, f"stream returned {len(chunk)} bytes for a {n - got}-byte read")
+            if policy is not None:
+                policy.take(len(chunk))
+            chunks.append(chunk)
+            got += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        if policy is not None and got:
+            policy.give(got)
 
 
 async def read_exact(stream: FrameStream, n: int) -> bytes:
@@ -172,8 +207,15 @@ async def read_frame_or_eof(stream: FrameStream, max_len: int) -> bytes | None:
     (length,) = _HEADER.unpack(header)
     if length > max_len:
         raise AemError(TOO_LARGE, f"frame of {length} bytes announced, limit is {max_len}")
+    policy: FramePolicy | None = getattr(stream, "frame_policy", None)
     try:
-        return await _read_exact(stream, length)
+        if policy is None:
+            return await _read_exact(stream, length)
+        limit = policy.frame_deadline(length)
+        with trio.move_on_after(limit) as scope:
+            return await _read_exact(stream, length, policy)
+        policy.abuse(f"frame of {length} bytes not delivered within {limit:.1f} s")
+        raise AemError(TIMEOUT, f"frame of {length} bytes not delivered within {limit:.1f} s")
     except _EOF as eof:
         raise AemError(BAD_ENCODING, f"truncated frame body: {eof}") from None
 

@@ -52,6 +52,13 @@ def read_genesis_file(path: Path) -> Genesis:
 def init_home(home: Home, genesis_file: Path | None, passphrase: str | None) -> SigningKey:
     """Create the home (mode 0700), an identity and a config; never overwrite
     an existing identity, since losing it loses the node's credits."""
+    if home.root.exists() and not home.root.is_dir():
+        raise AemError(errors.CONFIG, f"{home.root} is a file, not a directory; give another --home")
+    for parent in home.root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AemError(errors.CONFIG, f"{parent} is a file; {home.root} cannot be created under it")
+            break
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     if home.keystore.exists():
         key = read_keystore(home.keystore, passphrase)

@@ -17,7 +17,8 @@ Public face::
         await node.publish(topic, data)
         node.set_topic_validator(topic, fn)      # fn(forwarder_peer_id, data) -> bool
         node.mesh_peers(topic); node.topic_peers(topic)
-        node.set_stream_handler(proto, handler)  # handler(stream, remote_peer_id)
+        node.set_stream_handler(proto, handler)  # handler(stream, remote_peer_id); per-peer
+                                                 # limits, idle/session deadlines, frame budget
         stream = await node.open_stream(pid, proto)   # or: async with node.stream(pid, proto)
         node.penalize(pid); node.ban(pid, seconds); node.unban(pid)
         nursery.start_soon(keep_connected, node, bootstrap_maddrs)  # redial loop
@@ -97,7 +98,28 @@ GossipSub
   * Own publishes come back on one's own subscription: filtered out unless
     ``subscribe(topic, include_own=True)``.
   * GossipSub's default heartbeat is 120 s (the spec's is 1 s): set to
-    ``heartbeat_interval`` (1 s) so the mesh repairs itself after churn.
+    ``heartbeat_interval`` (1 s) so the mesh repairs itself after churn. Its
+    adaptive gossip (on by default) then rewrites the interval from a
+    "network health" score, to 30-60 s after ~30 s (``gossipsub.py`` ~2852,
+    measured): switched off, and its heartbeat step replaced by one that keeps
+    the configured value (:func:`_apply_gossip_quirks`).
+  * The message cache is re-sent to every new subscriber
+    (``send_recent_messages``, ~726) and served on IWANT without re-running
+    the topic validators: cards and ads that expired while cached would reach
+    new peers, who count them against us. Both read through ``mcache.get``,
+    which is wrapped to re-validate each message and hand out none that now
+    fails (``P2PNode.stale_not_resent`` counts them).
+  * An inbound RPC over 1 MiB is dropped inside libp2p (``MessageTooLarge``,
+    logged, stream reset) before any validator: the read function is wrapped
+    so the sender is penalised (10 points; ``P2PNode.oversized_rpcs``).
+  * A ban blacklists the peer in pubsub, whose teardown task does
+    ``del pubsub.peers[peer]`` after an await: if the peer's read loop removed
+    it meanwhile, the KeyError fails the Pubsub service and the node (measured
+    with a ban triggered by an oversized RPC). The teardown is replaced by the
+    same steps, tolerant of the race.
+  * These patch internals: each checks that what it touches exists, and a
+    libp2p other than :data:`VERIFIED_LIBP2P` is logged once
+    (tests/test_mesh_abuse.py measures each quirk).
   * Message ids are (origin, seqno) and the seqno counter starts at
     ``int(time.time())`` and counts up by one per message, so a node that
     published more messages than seconds elapsed, then restarted, reuses
@@ -120,15 +142,36 @@ GossipSub
     ``pubsub``'s blacklist (its pubsub stream is reset and its messages,
     forwarded or original, dropped), disconnected, refused on our stream
     protocols and redials, and taken off the blacklist when the ban expires.
+  * A fresh identity costs nothing, so bans also count per remote IP: at most
+    ``max_connections_per_ip`` connections from one address, and once
+    ``ip_ban_after`` distinct peers from one address are banned, a new peer
+    from it is banned on connect until those bans end. Peers behind one NAT
+    share that fate (``ip_ban_after=0`` turns it off). Tests on 127.0.0.1
+    see every peer on one address: they ban fewer peers than that, or set it.
+  * Topic validators see the forwarding neighbour; the subscription sees the
+    origin. The forwarder of each validated message is remembered (bounded)
+    and given as :attr:`Subscription.last_forwarder`, so tables can count
+    what each neighbour delivered.
 
 Streams
   * An exception raised by a raw stream handler propagates through the
     connection's nursery into the swarm service and takes the whole host down
     (measured: it surfaces out of the ``async with``). Handlers are wrapped:
     errors are logged, the stream is reset, and at most ``max_concurrent``
-    handlers run per protocol (further streams are reset at once). A reset
-    can reach the client before its protocol negotiation finishes, so a
-    failing handler shows up either in ``open_stream`` or in the first read.
+    handlers run per protocol and ``max_per_peer`` per protocol per peer
+    (further streams are reset at once; over the per-peer limit the peer is
+    also penalised). A reset can reach the client before its protocol
+    negotiation finishes, so a failing handler shows up either in
+    ``open_stream`` or in the first read.
+  * Slowloris: an idle stream would hold a slot for as long as the
+    handler's own deadline, unpenalised. Handlers get a guarded stream: a
+    read with no byte for ``idle_timeout`` fails, a frame must arrive at a
+    minimum pace once its header has, the bytes of unfinished frames are
+    budgeted per peer and in all, and a ``session_timeout`` ends the handler;
+    each costs the peer ``stream_abuse_points``.
+  * Yamux's receive window grows to 16 MB per stream when the reader keeps
+    up; what a peer can park in a node is bounded by the per-peer stream
+    limit times that, and by the frame budget for what the node has read.
   * Framing: see :mod:`aemd.framing` (``read_varint_prefixed_bytes`` fails
     above ~6.8 MB).
 
@@ -155,13 +198,15 @@ Logging
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 import math
 import random
 import socket
 import time
-from collections import deque
+import weakref
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -259,6 +304,32 @@ class P2PConfig:
     stream_open_timeout: float = 10.0
     #: Default cap of concurrently running handlers per stream protocol.
     max_concurrent_streams: int = 64
+    #: Default cap per protocol *per peer*: one peer cannot take a protocol's slots.
+    max_streams_per_peer: int = 4
+    #: A handler's read that gets no byte for this long fails (TIMEOUT) and
+    #: penalises the peer (idle streams held open: slowloris).
+    stream_idle_timeout: float = 15.0
+    #: Once a frame's header has arrived, its body must arrive within
+    #: ``stream_idle_timeout + length / frame_min_bytes_per_s`` (a trickle fails).
+    frame_min_bytes_per_s: int = 64 * 1024
+    #: Bytes of incomplete inbound frames held at once, per peer and in all.
+    max_buffered_per_peer: int = 32 << 20
+    max_buffered_total: int = 256 << 20
+    #: Penalty points for each stream abuse (idle, trickled frame, buffer
+    #: budget, session or request deadline): a few incidents ban a slowloris
+    #: peer, an honest peer on a bad link rarely has one.
+    stream_abuse_points: float = 4.0
+    #: Points for a stream refused over the per-peer limit: cheap to refuse,
+    #: and an honest payer may briefly have more tasks for one host.
+    stream_overflow_points: float = 0.1
+    #: Points for an inbound pubsub RPC over 1 MiB (libp2p never sends one).
+    oversized_rpc_points: float = 10.0
+    #: Connections at once from one remote IP address (any number of peer ids).
+    max_connections_per_ip: int = 32
+    #: Once this many distinct peers from one IP are banned, every new
+    #: connection from that IP is refused until the last of those bans ends
+    #: (a fresh identity costs nothing; an address costs something). 0: off.
+    ip_ban_after: int = 3
     # Peer events: slots per peer_events() channel.
     event_buffer: int = 256
     # Penalties: points decay with this half-life; at the threshold, a ban.
@@ -288,6 +359,12 @@ class P2PConfig:
             "dial_timeout": self.dial_timeout,
             "stream_open_timeout": self.stream_open_timeout,
             "max_concurrent_streams": self.max_concurrent_streams,
+            "max_streams_per_peer": self.max_streams_per_peer,
+            "stream_idle_timeout": self.stream_idle_timeout,
+            "frame_min_bytes_per_s": self.frame_min_bytes_per_s,
+            "max_buffered_per_peer": self.max_buffered_per_peer,
+            "max_buffered_total": self.max_buffered_total,
+            "max_connections_per_ip": self.max_connections_per_ip,
             "event_buffer": self.event_buffer,
             "ban_threshold": self.ban_threshold,
             "ban_seconds": self.ban_seconds,
@@ -306,6 +383,9 @@ class P2PConfig:
                                       " would be dropped silently by libp2p")
         if self.dial_retries < 0:
             raise AemError(BAD_VALUE, "P2PConfig.dial_retries must be >= 0")
+        if min(self.ip_ban_after, self.stream_abuse_points, self.stream_overflow_points,
+               self.oversized_rpc_points) < 0:
+            raise AemError(BAD_VALUE, "P2PConfig ip_ban_after and penalty points must be >= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -436,6 +516,8 @@ class Subscription:
         self._sender = sender
         self._include_own = include_own
         self._own_id = node._host.get_id().to_bytes()
+        #: The neighbour that delivered the message last returned (its origin if unknown).
+        self.last_forwarder = ""
 
     @property
     def dropped(self) -> int:
@@ -452,7 +534,9 @@ class Subscription:
                 raise StopAsyncIteration from None
             if not self._include_own and msg.from_id == self._own_id:
                 continue
-            return ID(msg.from_id).to_base58(), bytes(msg.data)
+            origin = ID(msg.from_id).to_base58()
+            self.last_forwarder = self._node._forwarders.pop((bytes(msg.from_id), bytes(msg.seqno)), origin)
+            return origin, bytes(msg.data)
 
     async def aclose(self) -> None:
         await self._node._unsubscribe(self.topic, self)
@@ -497,6 +581,71 @@ async def _no_auto_connect() -> None:
     return None
 
 
+class _GuardedStream:
+    """The stream a served handler sees (see :meth:`P2PNode.set_stream_handler`).
+
+    Reads fail after ``idle`` seconds without a byte; it is the
+    :class:`aemd.framing.FramePolicy` of its frames (pace, byte budget per
+    peer and in all); every abuse penalises the peer once per stream. Writes,
+    close and reset go to the libp2p stream unchanged.
+    """
+
+    def __init__(self, stream: INetStream, node: P2PNode, pid: ID, idle: float) -> None:
+        self._stream = stream
+        self._node = node
+        self._pid = pid
+        self._idle = idle
+        self.muxed_conn = stream.muxed_conn
+        self.frame_policy = self
+        self.abused: str | None = None
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.move_on_after(self._idle):
+            return await self._stream.read(n)
+        self.abuse(f"no data for {self._idle:g} s")
+        raise AemError(TIMEOUT, f"peer sent nothing for {self._idle:g} s")
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def reset(self) -> None:
+        await self._stream.reset()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    # FramePolicy
+    def frame_deadline(self, length: int) -> float:
+        return self._idle + length / self._node._config.frame_min_bytes_per_s
+
+    def take(self, n: int) -> None:
+        node, cfg = self._node, self._node._config
+        mine = node._buffered.get(self._pid, 0)
+        if mine + n > cfg.max_buffered_per_peer or node._buffered_total + n > cfg.max_buffered_total:
+            self.abuse("inbound frames over the buffer budget")
+            raise AemError(TOO_LARGE, "too many bytes of unfinished frames from this peer")
+        node._buffered[self._pid] = mine + n
+        node._buffered_total += n
+
+    def give(self, n: int) -> None:
+        node = self._node
+        left = node._buffered.get(self._pid, 0) - n
+        if left > 0:
+            node._buffered[self._pid] = left
+        else:
+            node._buffered.pop(self._pid, None)
+        node._buffered_total = max(0, node._buffered_total - n)
+
+    def abuse(self, reason: str) -> None:
+        if self.abused is None:
+            self.abused = reason
+            log.info("stream abuse by %s: %s", self._pid, reason)
+            self._node._stream_abuse(self._pid, reason)
+
+
 # ---------------------------------------------------------------------------
 # The node
 
@@ -524,6 +673,20 @@ class P2PNode:
         self._own_publish_times: dict[str, deque[float]] = {}
         # Streams.
         self._handler_active: dict[str, int] = {}
+        self._handler_peer_active: dict[tuple[str, ID], int] = {}
+        self._buffered: dict[ID, int] = {}     # bytes of incomplete inbound frames per peer
+        self._buffered_total = 0
+        self.stream_abuse = 0
+        # Which neighbour delivered each validated message: (origin, seqno) -> forwarder.
+        self._forwarders: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()
+        self.stale_not_resent = 0       # cached messages no longer valid, not re-sent
+        self.oversized_rpcs = 0
+        # Remote IPs: live connections per IP, and banned peers per IP (-> ban end).
+        self._conn_ip: dict[int, str] = {}
+        self._ip_conns: Counter[str] = Counter()
+        self._peer_ips: dict[ID, str] = {}
+        self._ip_bans: dict[str, dict[ID, float]] = {}
+        self._last_seen: dict[ID, float] = {}   # peer -> when its last connection closed (trio clock)
         # Penalties and bans (trio clock).
         self._points: dict[ID, tuple[float, float]] = {}  # peer -> (points, at)
         self._bans: dict[ID, float] = {}  # peer -> until
@@ -545,6 +708,14 @@ class P2PNode:
 
     def is_connected(self, peer_id: str) -> bool:
         return _parse_peer_id(peer_id) in self._conns
+
+    def seen_ago(self, peer_id: str) -> float | None:
+        """Seconds since ``peer_id`` was last connected (0 while connected; None: never seen)."""
+        pid = _parse_peer_id(peer_id)
+        if pid in self._conns:
+            return 0.0
+        at = self._last_seen.get(pid)
+        return None if at is None else max(0.0, trio.current_time() - at)
 
     async def connect(self, maddr: str) -> str:
         """Dial a ``/…/p2p/<peer id>`` multiaddr; returns the peer id once connected.
@@ -645,8 +816,25 @@ class P2PNode:
         conns = self._conns.setdefault(pid, {})
         first = not conns
         conns[id(conn)] = conn
+        ip = _remote_ip(conn)
+        if ip is not None:
+            self._conn_ip[id(conn)] = ip
+            self._ip_conns[ip] += 1
+            self._peer_ips[pid] = ip
+            if len(self._peer_ips) > self._config.max_tracked_peers:   # bounded: forget the gone
+                for gone in [p for p in self._peer_ips if p not in self._conns][: len(self._peer_ips) // 2]:
+                    del self._peer_ips[gone]
         if first:
             self._emit(PeerEvent(CONNECTED, pid.to_base58()))
+        if pid not in self._bans and ip is not None:
+            if self._ip_banned(ip):
+                # A fresh identity from an address whose peers keep getting banned.
+                self.ban(pid.to_base58(), reason=f"connection from banned address {ip}")
+            elif self._ip_conns[ip] > self._config.max_connections_per_ip:
+                log.info("refusing %s: over %d connections from %s", pid,
+                         self._config.max_connections_per_ip, ip)
+                self._pending_disconnects.add(pid)
+                self._wake.set()
         if pid in self._bans:
             self._pending_disconnects.add(pid)
             self._wake.set()
@@ -656,11 +844,21 @@ class P2PNode:
             pid = conn.muxed_conn.peer_id
         except AttributeError:
             return
+        ip = self._conn_ip.pop(id(conn), None)
+        if ip is not None:
+            self._ip_conns[ip] -= 1
+            if self._ip_conns[ip] <= 0:
+                del self._ip_conns[ip]
         conns = self._conns.get(pid)
         if conns is None or conns.pop(id(conn), None) is None:
             return
         if not conns:
             del self._conns[pid]
+            self._last_seen[pid] = trio.current_time()
+            if len(self._last_seen) > self._config.max_tracked_peers:
+                oldest = sorted(self._last_seen, key=self._last_seen.__getitem__)
+                for gone in oldest[: len(oldest) // 2]:
+                    del self._last_seen[gone]
             self._emit(PeerEvent(DISCONNECTED, pid.to_base58()))
             waiter = self._disconnect_waiters.pop(pid, None)
             if waiter is not None:
@@ -693,6 +891,8 @@ class P2PNode:
                     ok = False
                 if not ok:
                     rejected(forwarder)
+                else:
+                    node._note_forwarder(msg, forwarder)
                 return ok
         else:
             def validator(forwarder: ID, msg: Any) -> bool:  # type: ignore[misc]
@@ -703,10 +903,32 @@ class P2PNode:
                     ok = False
                 if not ok:
                     rejected(forwarder)
+                else:
+                    node._note_forwarder(msg, forwarder)
                 return ok
 
         self._validators[topic] = fn
         self._pubsub.set_topic_validator(topic, validator, is_async)
+
+    def _note_forwarder(self, msg: Any, forwarder: ID) -> None:
+        # Bounded: a message whose subscription never reads it is forgotten.
+        key = (bytes(msg.from_id), bytes(msg.seqno))
+        self._forwarders[key] = forwarder.to_base58()
+        while len(self._forwarders) > 4 * self._config.subscription_buffer:
+            self._forwarders.popitem(last=False)
+
+    def _still_valid(self, msg: Any) -> bool:
+        """Whether a cached message still passes its topics' (sync) validators now."""
+        for t in msg.topicIDs:
+            fn = self._validators.get(t)
+            if fn is None or inspect.iscoroutinefunction(fn):
+                continue  # an async validator cannot run inside libp2p's sync cache lookup
+            try:
+                if not fn(self.peer_id, bytes(msg.data)):
+                    return False
+            except Exception:
+                return False
+        return True
 
     def remove_topic_validator(self, topic: str) -> None:
         self._validators.pop(topic, None)
@@ -810,17 +1032,30 @@ class P2PNode:
     # -- streams --------------------------------------------------------------
 
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler, *,
-                           max_concurrent: int | None = None) -> None:
+                           max_concurrent: int | None = None, max_per_peer: int | None = None,
+                           idle_timeout: float | None = None,
+                           session_timeout: float | None = None) -> None:
         """Serve ``protocol_id`` with ``async handler(stream, remote_peer_id)``.
 
         The handler's exceptions are logged and the stream reset; when it
-        returns the stream is closed. Streams from banned peers, and streams
-        beyond ``max_concurrent`` running handlers, are reset at once.
+        returns the stream is closed. Streams from banned peers, streams beyond
+        ``max_concurrent`` running handlers, and streams beyond ``max_per_peer``
+        running handlers of one peer are reset at once (the last also
+        penalised). The handler gets a guarded stream: a read that waits more
+        than ``idle_timeout`` for a byte fails with AemError(TIMEOUT), frames
+        are paced and their bytes budgeted (:mod:`aemd.framing`), and the whole
+        handler is cancelled after ``session_timeout`` (None: no limit); each
+        of these penalises the peer (``stream_abuse_points``).
         """
         _check_protocol(protocol_id)
-        limit = self._config.max_concurrent_streams if max_concurrent is None else max_concurrent
-        if limit <= 0:
-            raise AemError(BAD_VALUE, "max_concurrent must be positive")
+        cfg = self._config
+        limit = cfg.max_concurrent_streams if max_concurrent is None else max_concurrent
+        per_peer = cfg.max_streams_per_peer if max_per_peer is None else max_per_peer
+        idle = cfg.stream_idle_timeout if idle_timeout is None else idle_timeout
+        if limit <= 0 or per_peer <= 0:
+            raise AemError(BAD_VALUE, "max_concurrent and max_per_peer must be positive")
+        if not idle > 0 or (session_timeout is not None and not session_timeout > 0):
+            raise AemError(BAD_VALUE, "idle_timeout and session_timeout must be positive")
         node = self
 
         async def wrapped(stream: INetStream) -> None:
@@ -832,23 +1067,51 @@ class P2PNode:
             if node._is_banned_id(pid) or node._handler_active.get(protocol_id, 0) >= limit:
                 await _reset_quietly(stream)
                 return
+            slot = (protocol_id, pid)
+            if node._handler_peer_active.get(slot, 0) >= per_peer:
+                # Refused at once, so cheap: a small penalty (an honest payer may
+                # briefly have more tasks for one host), enough to ban a flood.
+                node._stream_abuse(pid, f"more than {per_peer} concurrent {protocol_id} streams",
+                                   node._config.stream_overflow_points)
+                await _reset_quietly(stream)
+                return
             node._handler_active[protocol_id] = node._handler_active.get(protocol_id, 0) + 1
+            node._handler_peer_active[slot] = node._handler_peer_active.get(slot, 0) + 1
+            guarded = _GuardedStream(stream, node, pid, idle)
             ok = False
             try:
-                await handler(stream, pid.to_base58())
-                ok = True
+                with trio.move_on_after(math.inf if session_timeout is None else session_timeout) as scope:
+                    await handler(guarded, pid.to_base58())  # type: ignore[arg-type]
+                    ok = True
+                if scope.cancelled_caught:
+                    guarded.abuse(f"{protocol_id} session longer than {session_timeout:g} s")
             except AemError as exc:
                 log.debug("%s handler for %s: %s", protocol_id, pid, exc)
+                if exc.code == TIMEOUT:      # a deadline of the handler's own that the peer missed
+                    guarded.abuse(f"{protocol_id}: {exc.detail}")
             except Exception:
                 log.warning("%s handler for %s raised", protocol_id, pid, exc_info=True)
             finally:
                 node._handler_active[protocol_id] -= 1
+                node._handler_peer_active[slot] -= 1
+                if node._handler_peer_active[slot] <= 0:
+                    del node._handler_peer_active[slot]
                 if ok:
                     await _close_quietly(stream, node._config.close_timeout)
                 else:
                     await _reset_quietly(stream)
 
         self._host.set_stream_handler(TProtocol(protocol_id), wrapped)
+
+    def _stream_abuse(self, pid: ID, reason: str, points: float | None = None) -> None:
+        self.stream_abuse += 1
+        self.penalize(pid.to_base58(), self._config.stream_abuse_points if points is None else points, reason)
+
+    def buffered_bytes(self, peer_id: str | None = None) -> int:
+        """Bytes of incomplete inbound frames held now (of one peer, or in all)."""
+        if peer_id is None:
+            return self._buffered_total
+        return self._buffered.get(_parse_peer_id(peer_id), 0)
 
     def remove_stream_handler(self, protocol_id: str) -> None:
         self._host.remove_stream_handler(TProtocol(protocol_id))
@@ -944,6 +1207,12 @@ class P2PNode:
         duration = self._config.ban_seconds if seconds is None else float(seconds)
         until = trio.current_time() + duration
         self._bans[pid] = max(until, self._bans.get(pid, until))
+        ip = self._peer_ips.get(pid)
+        if ip is not None and self._config.ip_ban_after > 0:
+            banned_here = self._ip_bans.setdefault(ip, {})
+            banned_here[pid] = self._bans[pid]
+            if len(self._ip_bans) > self._config.max_tracked_peers:
+                self._prune_ip_bans()
         log.info("ban %s for %gs: %s", pid, duration, reason)
         if self._running:
             try:
@@ -957,6 +1226,32 @@ class P2PNode:
     def unban(self, peer_id: str) -> None:
         pid = _parse_peer_id(peer_id)
         self._lift_ban(pid)
+        for banned_here in self._ip_bans.values():
+            banned_here.pop(pid, None)
+
+    def _ip_banned(self, ip: str) -> bool:
+        """Whether ``ip_ban_after`` distinct peers from ``ip`` are banned now."""
+        need = self._config.ip_ban_after
+        banned_here = self._ip_bans.get(ip)
+        if need <= 0 or not banned_here:
+            return False
+        now = trio.current_time()
+        for pid in [p for p, until in banned_here.items() if until <= now]:
+            del banned_here[pid]
+        if not banned_here:
+            del self._ip_bans[ip]
+            return False
+        return len(banned_here) >= need
+
+    def is_address_banned(self, ip: str) -> bool:
+        return self._ip_banned(ip)
+
+    def _prune_ip_bans(self) -> None:
+        now = trio.current_time()
+        for ip in list(self._ip_bans):
+            self._ip_bans[ip] = {p: u for p, u in self._ip_bans[ip].items() if u > now}
+            if not self._ip_bans[ip]:
+                del self._ip_bans[ip]
 
     def _lift_ban(self, pid: ID) -> None:
         self._bans.pop(pid, None)
@@ -1013,6 +1308,26 @@ class P2PNode:
         for event in self._disconnect_waiters.values():
             event.set()
         self._disconnect_waiters.clear()
+
+
+def _remote_ip(conn: Any) -> str | None:
+    """The remote IP address of a libp2p connection, or None if it cannot be told."""
+    try:
+        for ma in conn.get_transport_addresses():
+            for proto in ("ip4", "ip6"):
+                try:
+                    return str(ma.value_for_protocol(proto))
+                except Exception:
+                    continue
+    except Exception:
+        pass
+    try:
+        addr = conn.muxed_conn.secured_conn.get_remote_address()
+        if addr:
+            return str(addr[0])
+    except Exception:
+        pass
+    return None
 
 
 def _send_or_drop(send: trio.MemorySendChannel, item: Any) -> None:
@@ -1101,12 +1416,15 @@ async def open_p2p(
         heartbeat_interval=cfg.heartbeat_interval,
         spam_protection_enabled=True,
         max_messages_per_topic_per_second=cfg.max_messages_per_topic_per_second,
+        adaptive_gossip_enabled=False,   # it rewrites the heartbeat: see module docstring
     )
     pubsub = Pubsub(host, gossipsub, strict_signing=True)
     pubsub.peer_queues = _PeerQueues(cfg.peer_queue_size)
     pubsub.counter = time.time_ns()  # see module docstring: seqno reuse after restart
 
     node = P2PNode(host, pubsub, gossipsub, cfg)
+    _apply_gossip_quirks(node)
+    _LIVE_NODES.add(node)
     swarm.register_notifee(_Notifee(node))
     for topic, fn in (validators or {}).items():
         node.set_topic_validator(topic, fn)
@@ -1132,6 +1450,7 @@ async def open_p2p(
                                 await listener.close()
             finally:
                 node._running = False
+                _LIVE_NODES.discard(node)
                 node._close_channels()
                 nursery.cancel_scope.cancel()
     except BaseException as exc:
@@ -1141,6 +1460,133 @@ async def open_p2p(
                 raise
             raise leaf from None  # one error inside nested nurseries: give the caller that error
         raise AemError(UNAVAILABLE, f"cannot start p2p host on {list(listen_addrs)!r}: {leaf}") from leaf
+
+
+#: py-libp2p versions whose internals the quirk handling below was checked
+#: against (tests/test_mesh_abuse.py measures each quirk).
+VERIFIED_LIBP2P = ("0.8.1",)
+_LIVE_NODES: weakref.WeakSet[P2PNode] = weakref.WeakSet()
+_version_warned = False
+
+
+def libp2p_version() -> str:
+    try:
+        return importlib.metadata.version("libp2p")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _apply_gossip_quirks(node: P2PNode) -> None:
+    """Pin what py-libp2p's GossipSub would otherwise change behind our back.
+
+    * Heartbeat: adaptive gossip (on by default in 0.8.1) rewrites
+      ``heartbeat_interval`` from network health, to 30-60 s after ~30 s
+      whatever was configured. It is off (constructor) and its heartbeat
+      step is replaced by a no-op, so the interval stays the configured one.
+    * Message cache: ``send_recent_messages`` re-sends the cache window to
+      every new subscriber and IWANT answers from the cache, neither
+      re-running the topic validators, so expired cards and ads would reach
+      peers that then count them against us. Both read through
+      ``mcache.get``; it is wrapped to re-validate each message first (sync
+      validators; :meth:`P2PNode._still_valid`) and hand out none that fails.
+    * Oversized inbound RPCs (> 1 MiB) are dropped inside libp2p
+      (``MessageTooLarge``) before any validator runs; the read function is
+      wrapped to penalise the sending peer (:func:`_install_oversize_watch`).
+
+    Each patch checks that the internals it touches exist; a libp2p version
+    other than :data:`VERIFIED_LIBP2P` is logged once, since these are
+    internals (re-run the tests that measure them).
+    """
+    global _version_warned
+    version = libp2p_version()
+    if version not in VERIFIED_LIBP2P and not _version_warned:
+        _version_warned = True
+        log.warning("libp2p %s: quirk handling was verified against %s; check tests/test_mesh_abuse.py",
+                    version, ", ".join(VERIFIED_LIBP2P))
+    gs = node._gossipsub
+    configured = node._config.heartbeat_interval
+    if hasattr(gs, "adaptive_gossip_enabled"):
+        gs.adaptive_gossip_enabled = False
+    if hasattr(gs, "_adapt_heartbeat_parameters"):
+        def keep_heartbeat(health: float) -> None:
+            gs.heartbeat_interval = configured
+        gs._adapt_heartbeat_parameters = keep_heartbeat
+    gs.heartbeat_interval = configured
+    if hasattr(gs, "heartbeat_interval_base"):
+        gs.heartbeat_interval_base = configured
+    mcache = getattr(gs, "mcache", None)
+    original_get = getattr(mcache, "get", None)
+    if original_get is None:
+        log.warning("cannot re-validate the gossip cache (libp2p internals changed)")
+    else:
+        def get_if_valid(mid: bytes) -> Any:
+            msg = original_get(mid)
+            if msg is not None and not node._still_valid(msg):
+                node.stale_not_resent += 1
+                return None
+            return msg
+        mcache.get = get_if_valid
+    _install_oversize_watch()
+    # Blacklisting (every ban) tears the peer's pubsub stream down in a task
+    # that awaits the reset and then does ``del pubsub.peers[peer]``; if the
+    # stream's read loop has meanwhile removed the peer itself (a dead stream,
+    # an oversized RPC), that ``del`` raises KeyError and takes the Pubsub
+    # service, and with it the node, down (measured). Same steps, tolerant.
+    pubsub = node._pubsub
+    if hasattr(pubsub, "_teardown_if_connected") and hasattr(pubsub, "_forget_all_subscriptions"):
+        async def teardown_if_connected(peer_id: ID) -> None:
+            stream = pubsub.peers.get(peer_id)
+            if stream is not None:
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+                if pubsub.peers.get(peer_id) is stream:
+                    del pubsub.peers[peer_id]
+            pubsub._forget_all_subscriptions(peer_id)
+        pubsub._teardown_if_connected = teardown_if_connected  # type: ignore[method-assign]
+    else:
+        log.warning("cannot guard pubsub blacklist teardown (libp2p internals changed)")
+
+
+_oversize_installed = False
+
+
+def _install_oversize_watch() -> None:
+    """Penalise a peer whose inbound pubsub RPC libp2p drops as too large.
+
+    ``Pubsub.continuously_read_stream`` reads with the module-level
+    ``read_varint_prefixed_bytes_limited``, catches ``MessageTooLarge``, logs
+    and resets the stream: no validator, no penalty. The module function is
+    wrapped once per process; the node owning the connection (one process
+    may run several) is found by its connections.
+    """
+    global _oversize_installed
+    if _oversize_installed:
+        return
+    import libp2p.pubsub.pubsub as pubsub_mod
+    from libp2p.io.exceptions import MessageTooLarge
+    original = getattr(pubsub_mod, "read_varint_prefixed_bytes_limited", None)
+    if original is None:
+        log.warning("cannot watch oversized gossip (libp2p internals changed)")
+        return
+
+    async def read_limited(reader: Any, max_length: int) -> bytes:
+        try:
+            return await original(reader, max_length)
+        except MessageTooLarge:
+            muxed = getattr(reader, "muxed_conn", None)
+            pid = getattr(muxed, "peer_id", None)
+            for node in list(_LIVE_NODES):
+                if pid is not None and any(getattr(c, "muxed_conn", None) is muxed
+                                           for c in node._conns.get(pid, {}).values()):
+                    node.oversized_rpcs += 1
+                    node.penalize(pid.to_base58(), node._config.oversized_rpc_points,
+                                  "pubsub RPC over the 1 MiB limit")
+            raise
+
+    pubsub_mod.read_varint_prefixed_bytes_limited = read_limited  # type: ignore[assignment]
+    _oversize_installed = True
 
 
 def _parse_listen_addr(addr: str) -> multiaddr.Multiaddr:

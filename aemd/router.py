@@ -40,12 +40,15 @@ def score(ad: HostAdvertisement, task: TaskPacket, card: NodeCard | None, rep: R
 
 def rank(ads: list[HostAdvertisement], task: TaskPacket, *, cards: dict[bytes, NodeCard],
          reputation: dict[bytes, Reputation], self_key: bytes, now: int, locality: str = "",
-         admitted: set[bytes] | None = None) -> list[tuple[HostAdvertisement, Candidate]]:
+         admitted: set[bytes] | None = None,
+         limit: int | None = MAX_CANDIDATES) -> list[tuple[HostAdvertisement, Candidate]]:
     """The hosts that can do ``task``, best first (ties broken by host key).
 
     A host qualifies when its ad is unexpired, for the task's domain and kind,
     carries every tag the task asks for, costs at most the task's max price,
-    and (when ``admitted`` is given) is for an admitted capsule.
+    and (when ``admitted`` is given) is for an admitted capsule. At most
+    ``limit`` (None: all; the payer filters by its hostbook first, then cuts,
+    so unreachable hosts cannot crowd reachable ones out of the list).
     """
     want_kind = KIND_FOR_TASK[task.kind]
     out = []
@@ -65,4 +68,4 @@ def rank(ads: list[HostAdvertisement], task: TaskPacket, *, cards: dict[bytes, N
         if ad.host not in seen:
             seen.add(ad.host)
             unique.append((ad, cand))
-    return unique[:MAX_CANDIDATES]
+    return unique if limit is None else unique[:limit]

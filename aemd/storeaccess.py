@@ -7,8 +7,9 @@ and fsync never stall the event loop and the store sees one caller at a time.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -23,6 +24,12 @@ class StoreAccess:
     def __init__(self, store: LogStore) -> None:
         self.store = store
         self._lock = trio.Lock()
+        # Called with each replay's duration in seconds (the node's metrics).
+        self.observe_replay: Callable[[float], None] = lambda s: None
+        # Called (in the event loop, must not block) with the bytes of the
+        # entries each insert from a peer newly stored: how the payer's node
+        # sees receipts for its spend keys arrive (aemd/tasks.py).
+        self.on_insert: Callable[[list[bytes]], None] | None = None
 
     @classmethod
     def open(cls, path: Path, genesis: Genesis) -> "StoreAccess":
@@ -38,10 +45,15 @@ class StoreAccess:
     async def range(self, author: bytes, from_seq: int, limit: int) -> list[bytes]:
         return await self._run(self.store.range, author, from_seq, limit)
 
+    async def linked_ids(self, pairs: list[tuple[bytes, int]]) -> dict[tuple[bytes, int], set[bytes]]:
+        return await self._run(self.store.linked_ids, pairs)
+
     async def insert_batch(self, entries: list[bytes]) -> tuple[int, int]:
         """Insert entries from a peer: (newly stored, rejected as invalid).
         A refusal for lack of room (REFUSED) is not the peer's fault."""
         results = await self._run(self.store.insert_many, entries)
+        if self.on_insert is not None:
+            self.on_insert([e for e, r in zip(entries, results) if r.stored])
         added = sum(1 for r in results if r.stored)
         bad = sum(1 for r in results if r.status is Status.REJECTED and r.code != errors.REFUSED)
         return added, bad
@@ -57,7 +69,7 @@ class StoreAccess:
 
     async def replay(self, as_of: int) -> dict:
         """The replay as `aemctl ledger-replay --json` prints it, without events."""
-        res = await self._run(self.store.replay, as_of)
+        res = await self._timed_replay(as_of)
         out = res.to_json()
         out.pop("events", None)
         return to_jsonable(out)
@@ -65,7 +77,14 @@ class StoreAccess:
     async def ledger(self, as_of: int) -> ReplayResult:
         """The replay result itself, for callers that ask it several things
         (funds, spend keys, hosts' records) from one replay."""
-        return await self._run(self.store.replay, as_of)
+        return await self._timed_replay(as_of)
+
+    async def _timed_replay(self, as_of: int) -> ReplayResult:
+        async with self._lock:      # timed inside the lock: the replay, not the wait for it
+            t = time.perf_counter()
+            res = await trio.to_thread.run_sync(self.store.replay, as_of)
+            self.observe_replay(time.perf_counter() - t)
+        return res
 
     async def close(self) -> None:
         async with self._lock:

@@ -327,10 +327,10 @@ def _run(argv: list[str]) -> int:
 
     real_offer = MeshTable.offer_ad
 
-    def offer_ad(self, ad, now):
+    def offer_ad(self, ad, now, **kw):
         new = (ad.host, ad.capsule_id) not in self.ads
         t = time.monotonic_ns()
-        ok = real_offer(self, ad, now)
+        ok = real_offer(self, ad, now, **kw)
         if ok and new and ad.host != me:
             out.write(json.dumps({"ev": "ad", "cap": ad.capsule_id.hex(), "t": t}) + "\n")
         return ok

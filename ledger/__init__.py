@@ -13,7 +13,18 @@ Public face (see ``specs/ledger.md``):
 from ledger.facts import Context, Fact, examine
 from ledger.logfile import read_log, read_log_all, write_log
 from ledger.replay import Checkpoint, ReplayResult, replay
-from ledger.store import InsertResult, LogStore, Status, VerifyReport
+
+# The store (SQLite) loads only when asked for, so the pure core imports on
+# a Python without sqlite3 (a second implementation's test harness, say).
+_STORE_NAMES = ("InsertResult", "LogStore", "Status", "VerifyReport")
+
+
+def __getattr__(name: str):
+    if name in _STORE_NAMES:
+        from ledger import store
+        return getattr(store, name)
+    raise AttributeError(f"module 'ledger' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoint", "Context", "Fact", "InsertResult", "LogStore", "ReplayResult", "Status",

@@ -27,13 +27,23 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import msgpack
 
 from crypto.hashing import H
+from ledger.reasons import LAMPORT_AHEAD
 from protocol import errors
 from protocol.entry import MAX_ENTRY, Entry
 from protocol.errors import AemError
 from protocol.genesis import Genesis
 
 # Bump when the meaning or layout of a Fact changes: stores recompute theirs.
-FACTS_VERSION = 1
+FACTS_VERSION = 3
+
+# Lamport clocks are bounded by the author's timestamp (specs/ledger.md
+# section 1): an entry's clock, shifted right by LAMPORT_SHIFT bits, is at
+# most its ts. So 2^16 clock ticks per second of author time: far more than
+# honest clocks ever advance, and no entry can push the clocks of others to
+# 2^62. A node's own clock follows only entries at most LOCAL_CLOCK_MARGIN
+# into the current second (ledger/store.py), so it always has room left.
+LAMPORT_SHIFT = 16
+LOCAL_CLOCK_MARGIN = 1 << 15
 
 
 class Context(NamedTuple):
@@ -56,6 +66,8 @@ class Fact(NamedTuple):
     - ``contribution``: (credit_basis, measured_delta, content_commitment, eval_id,
       number of distinct genesis verifiers whose attestation verifies)
     - ``challenge``: (receipt_id, created_at)
+    - ``dispute``: (receipt_id, created_at)
+    - ``receipt_ack``: (receipt_id, accepted)
     - other kinds: ()
     """
     id: bytes                   # entry id: H(entry bytes)
@@ -72,8 +84,15 @@ class Fact(NamedTuple):
 
     @property
     def key(self) -> tuple:
-        """Position in the replay order."""
-        return (self.lamport, self.author, self.seq)
+        """Position in the replay order (:func:`order_key`)."""
+        return order_key(self)
+
+
+def order_key(f: Any) -> tuple:
+    """The replay order of ``specs/ledger.md`` section 4: (lamport, author,
+    seq). The one place that spells it; everything that sorts or compares
+    entries in replay order (feeds, rules, checkpoints) calls this."""
+    return (f.lamport, f.author, f.seq)
 
 
 def _transfer(o: Any, ctx: Context) -> tuple:
@@ -94,6 +113,10 @@ def _challenge(o: Any, ctx: Context) -> tuple:
     return (o.receipt_id, o.created_at)
 
 
+def _ack(o: Any, ctx: Context) -> tuple:
+    return (o.receipt_id, o.accepted)
+
+
 def _none(o: Any, ctx: Context) -> tuple:
     return ()
 
@@ -103,7 +126,8 @@ _ARGS: dict[str, Callable[[Any, Context], tuple]] = {
     "inference_receipt": _receipt,
     "contribution": _contribution,
     "challenge": _challenge,
-    "receipt_ack": _none,
+    "dispute": _challenge,
+    "receipt_ack": _ack,
     "admission": _none,
     "capsule_manifest": _none,
 }
@@ -118,15 +142,28 @@ def as_bytes(item: bytes | Entry) -> bytes:
 
 
 def check_envelope(data: bytes, ctx: Context) -> Entry:
-    """Size, strict decoding, network and the entry signature, in that
-    order; the checks the store makes before it keeps an entry."""
+    """Size, strict decoding, network, the entry signature and the Lamport
+    bound, in that order; the checks the store makes before it keeps an
+    entry (and replay before an entry joins a feed)."""
     if type(data) is not bytes:
         raise AemError(errors.BAD_TYPE, "an entry is bytes")
     if len(data) > ctx.max_entry:
         raise AemError(errors.TOO_LARGE, f"entry: {len(data)} bytes > {ctx.max_entry}")
     e = Entry.decode(data)
     e.verify(ctx.net)
+    if not lamport_fits(e.lamport, e.ts):
+        raise AemError(LAMPORT_AHEAD, f"entry: lamport {e.lamport} is ahead of its ts {e.ts}")
     return e
+
+
+def lamport_fits(lamport: int, ts: int) -> bool:
+    """The Lamport bound every node checks alike, at insert and in replay."""
+    return lamport >> LAMPORT_SHIFT <= ts
+
+
+def local_clock_cap(ts: int) -> int:
+    """The largest clock a node's own next entry at ``ts`` may follow."""
+    return (ts << LAMPORT_SHIFT) + LOCAL_CLOCK_MARGIN
 
 
 def examine_entry(e: Entry, eid: bytes, ctx: Context) -> Fact:
@@ -183,7 +220,8 @@ def _init_worker(ctx: Context) -> None:
 
 
 def _examine_range(span: tuple[int, int]) -> list[Fact]:
-    assert _worker_ctx is not None
+    if _worker_ctx is None:
+        raise AemError(errors.INVARIANT, "worker started without its context")
     ctx, datas = _worker_ctx, _shared
     with paused_gc():
         return [examine(datas[i], ctx) for i in range(*span)]

@@ -24,7 +24,16 @@ from __future__ import annotations
 from typing import Iterable
 
 from ledger import reasons
-from ledger.facts import Fact
+from ledger.facts import Fact, order_key
+
+
+def links(prev_seq: int, prev_lamport: int, seq: int, lamport: int) -> bool:
+    """Whether an entry at (seq, lamport) fits after its predecessor, found
+    by ``prev`` among its author's entries (``specs/ledger.md`` sections 2-3):
+    the predecessor is at seq - 1 and has a smaller Lamport clock. The one
+    home of this rule: the store (insert, promotion, verify) and replay
+    both call it, so they cannot drift apart."""
+    return prev_seq == seq - 1 and prev_lamport < lamport
 
 
 class Rewind(Exception):
@@ -91,12 +100,8 @@ def extend(feeds: dict[bytes, Feed], notes: dict[bytes, str], new: Iterable[Fact
         if feed is None:
             feed = feeds[author] = Feed()
         joined.extend(_extend_one(feed, notes, facts, as_of))
-    joined.sort(key=_order)
+    joined.sort(key=order_key)
     return joined
-
-
-def _order(f: Fact) -> tuple:
-    return (f.lamport, f.author, f.seq)
 
 
 def _extend_one(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int) -> list[Fact]:
@@ -110,8 +115,9 @@ def _extend_one(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int
     for x in new:
         if x.id in pos or x.id in rest:
             continue  # held already
-        if x.seq <= last and (x.seq == 0 or (pos.get(x.prev) == x.seq - 1
-                                            and lamports[x.seq - 1] < x.lamport)):
+        ps = pos.get(x.prev)
+        if x.seq <= last and (x.seq == 0 or (ps is not None
+                                            and links(ps, lamports[ps], x.seq, x.lamport))):
             # A second linked entry at an applied seq: the author forked below
             # what has been applied, which changes the past.
             raise Rewind()
@@ -131,12 +137,12 @@ def _extend_one(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of: int
             if ps is not None:
                 # Only the head can be a proper predecessor here: a proper
                 # predecessor below it would have raised Rewind above.
-                st = None if ps == x.seq - 1 == last and lamports[ps] < x.lamport else reasons.BAD_CHAIN
+                st = None if ps == last and links(ps, lamports[ps], x.seq, x.lamport) else reasons.BAD_CHAIN
             else:
                 p = rest.get(x.prev)
                 if p is None:
                     st = reasons.UNLINKED
-                elif p.seq != x.seq - 1 or p.lamport >= x.lamport:
+                elif not links(p.seq, p.lamport, x.seq, x.lamport):
                     st = reasons.BAD_CHAIN
                 else:
                     st = status[p.id]
@@ -180,7 +186,7 @@ def _continue_chain(feed: Feed, notes: dict[bytes, str], new: list[Fact], as_of:
     s = len(feed.lamports)
     prev_id, prev_lam = feed.head, feed.lamports[-1] if feed.lamports else -1
     for x in xs:
-        if x.seq != s or (s > 0 and (x.prev != prev_id or x.lamport <= prev_lam)):
+        if x.seq != s or (s > 0 and (x.prev != prev_id or not links(s - 1, prev_lam, x.seq, x.lamport))):
             return None
         prev_id, prev_lam, s = x.id, x.lamport, s + 1
     joined: list[Fact] = []

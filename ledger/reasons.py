@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from protocol import errors
 
+# Envelope code specific to the ledger (the others are protocol.errors codes):
+# the entry is in no feed.
+LAMPORT_AHEAD = "LAMPORT_AHEAD"          # lamport >> 16 > ts: the clock runs ahead of the author's time
+
 # Feed codes: the entry is not in its author's applied prefix.
 UNLINKED = "UNLINKED"                    # predecessor (or an earlier one) not held yet
 BAD_CHAIN = errors.BAD_CHAIN             # predecessor held but is not this author's seq-1, or lamport does not grow
@@ -39,11 +43,17 @@ SUPPLY_CAP = "SUPPLY_CAP"                # minting would take the supply past 2^
 NOT_VERIFIER = "NOT_VERIFIER"            # challenge signer is not a genesis verifier
 CHALLENGE_NO_RECEIPT = "CHALLENGE_NO_RECEIPT"  # no applied-feed receipt with that id
 CHALLENGE_LATE = "CHALLENGE_LATE"        # created at or after the receipt's settlement time
-ALREADY_CHALLENGED = "ALREADY_CHALLENGED"  # an earlier challenge already voids that receipt
+ALREADY_CHALLENGED = "ALREADY_CHALLENGED"  # an earlier challenge or dispute already voids that receipt
+ACKED_ELSEWHERE = "ACKED_ELSEWHERE"      # the payer acknowledged another receipt for this spend key
+DISPUTE_NO_RECEIPT = "DISPUTE_NO_RECEIPT"  # no applied-feed receipt with the disputed id
+NOT_PAYER = "NOT_PAYER"                  # the disputer is not the receipt's payer
+DISPUTE_LATE = "DISPUTE_LATE"            # dispute created at or after the receipt's settlement time
+DISPUTE_ACKED = "DISPUTE_ACKED"          # the payer acknowledged the receipt it disputes
 
 FEED_CODES = frozenset({UNLINKED, BAD_CHAIN, EQUIVOCATION, FUTURE})
 
 DESCRIPTIONS = {
+    LAMPORT_AHEAD: "Lamport clock ahead of the entry's time",
     UNLINKED: "predecessor not held yet",
     BAD_CHAIN: "does not link to its author's previous entry",
     EQUIVOCATION: "author equivocated at or before this seq; feed frozen",
@@ -61,4 +71,9 @@ DESCRIPTIONS = {
     CHALLENGE_NO_RECEIPT: "no such receipt",
     CHALLENGE_LATE: "challenge after the window",
     ALREADY_CHALLENGED: "receipt already challenged",
+    ACKED_ELSEWHERE: "the payer acknowledged another receipt for this spend key",
+    DISPUTE_NO_RECEIPT: "no such receipt to dispute",
+    NOT_PAYER: "only the receipt's payer can dispute it",
+    DISPUTE_LATE: "dispute after the window",
+    DISPUTE_ACKED: "the payer acknowledged this receipt",
 }

@@ -16,7 +16,7 @@ It runs in three steps, each in its own module:
    cut at as-of, and sort what applies by (lamport, author, seq);
 3. ``ledger/rules.py``: decide challenges over the whole applied feed, then
    apply the entries one by one, settling receipts as the replay clock passes
-   their settlement time, with the invariants asserted after each entry.
+   their settlement time, with the invariants checked after each entry.
 
 Incremental replay: every result carries a :class:`Checkpoint`, the state
 after step 3 (before the final settlement at as-of, which is computed on a
@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import msgpack
 
 from ledger import reasons
-from ledger.facts import Context, Fact, examine_many, paused_gc
+from ledger.facts import Context, Fact, examine_many, order_key, paused_gc
 from ledger.feeds import Feed, Rewind, extend
 from ledger.rules import Params, apply, challenge_pass, genesis_state
 from ledger.state import SETTLED, VOIDED, LedgerState, final_view, state_root
@@ -103,9 +103,12 @@ class Checkpoint:
 
 @dataclass
 class ReplayResult:
+    """What a replay gives. ``balances`` (account -> (available, pending),
+    non-zero ones) and ``rejected`` (entry id -> reason code, every entry not
+    applied) are built on first use: a caller that asks one account's
+    balance or one spend key (a task's admission check) pays for that
+    alone, not for the size of the ledger."""
     as_of: int
-    balances: dict[bytes, tuple[int, int]]   # account -> (available, pending), non-zero ones
-    rejected: dict[bytes, str]               # entry id -> reason code, every entry not applied
     events: list[tuple]                      # produced by this call, in replay order
     entries: int                             # distinct entries covered
     feed_len: int                            # entries in the applied feeds (applied + refused by a rule)
@@ -113,24 +116,58 @@ class ReplayResult:
     granted: int
     minted: int
     burned: int
-    frozen: dict[bytes, int]                 # author -> seq of its fork
     mode: str                                # "full", "incremental" or "rewound"
     checkpoint: Checkpoint = field(repr=False)
     _view: LedgerState | None = field(default=None, repr=False, compare=False)
     _root: bytes | None = field(default=None, repr=False, compare=False)
+    _balances: dict | None = field(default=None, repr=False, compare=False)
+    _rejected: dict | None = field(default=None, repr=False, compare=False)
+    _frozen: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def frozen(self) -> dict[bytes, int]:
+        """Author -> seq of its fork (every author's feed looked at once, on first use)."""
+        if self._frozen is None:
+            self._frozen = self.checkpoint.frozen()
+        return self._frozen
+
+    def _final(self) -> LedgerState:
+        if self._view is None:
+            raise AemError(errors.INVARIANT, "replay result has no final view")
+        return self._view
+
+    @property
+    def balances(self) -> dict[bytes, tuple[int, int]]:
+        if self._balances is None:
+            v = self._final()
+            self._balances = {a: (v.avail.get(a, 0), v.pend.get(a, 0))
+                              for a in sorted(set(v.avail) | set(v.pend))
+                              if v.avail.get(a, 0) or v.pend.get(a, 0)}
+        return self._balances
+
+    @property
+    def rejected(self) -> dict[bytes, str]:
+        if self._rejected is None:
+            out = dict(self.checkpoint.notes)
+            out.update(self._final().rejected)
+            self._rejected = out
+        return self._rejected
+
+    def balance(self, account: bytes) -> tuple[int, int]:
+        """(available, pending) of one account, without building ``balances``."""
+        v = self._final()
+        return v.avail.get(account, 0), v.pend.get(account, 0)
 
     @property
     def state_root(self) -> bytes:
         """The state root (section 7 of the spec), computed on first use: it
         sorts the whole state, which callers that only want a balance skip."""
         if self._root is None:
-            assert self._view is not None
-            self._root = state_root(self._view, self.checkpoint.net, self.as_of, self.frozen)
-            self._view = None
+            self._root = state_root(self._final(), self.checkpoint.net, self.as_of, self.frozen)
         return self._root
 
     def available(self, account: bytes) -> int:
-        return self.balances.get(account, (0, 0))[0]
+        return self.balance(account)[0]
 
     def spend_key_used(self, payer: bytes, spend_key: bytes) -> bool:
         """Whether a receipt has already charged this (payer, spend key)."""
@@ -143,11 +180,45 @@ class ReplayResult:
         out: dict[bytes, list[int]] = {}
         for rid, (host, _payer, _amount, settle_at, status) in st.receipts.items():
             c = out.setdefault(host, [0, 0])
+            if rid in st.disputed:
+                continue   # the payer's word alone: it must not ruin a host's record
             if status == VOIDED or rid in st.challenged:
                 c[1] += 1
             elif status == SETTLED or settle_at <= self.as_of:
                 c[0] += 1
         return {h: (s, v) for h, (s, v) in out.items()}
+
+    def spend_key_blocks(self, payer: bytes, spend_key: bytes, host: bytes) -> bool:
+        """Whether ``host`` can no longer be paid under this (payer, spend
+        key): the payer acknowledged a receipt for it, or ``host``'s own
+        receipt already charges it. Another host's unacknowledged charge does
+        not block: an acknowledgement of ``host``'s receipt takes precedence
+        (specs/ledger.md section 5.3)."""
+        st = self.checkpoint.state
+        k = payer + spend_key
+        if k in st.preferred:
+            return True
+        rid = st.spent.get(k)
+        return rid is not None and st.receipts[rid][0] == host
+
+    def challenged(self, receipt_id: bytes) -> bool:
+        """Whether a challenge or dispute that passed names that receipt."""
+        return receipt_id in self.checkpoint.state.challenged
+
+    def acknowledged(self, receipt_id: bytes, payer: bytes) -> bool:
+        """Whether ``payer`` logged an accepting ack of that receipt."""
+        return receipt_id + payer in self.checkpoint.state.acks
+
+    def disputes(self, payer: bytes, host: bytes | None = None) -> int:
+        """How many receipts ``payer`` disputed successfully (of ``host``'s,
+        when given): public evidence of a payer that takes work back."""
+        st = self.checkpoint.state
+        n = 0
+        for rid in st.disputed:
+            info = st.receipt_keys.get(rid, b"")
+            if info[32:64] == payer and (host is None or info[:32] == host):
+                n += 1
+        return n
 
     def to_json(self) -> dict[str, Any]:
         """The shape `aemctl ledger-replay --json` prints (bytes as hex)."""
@@ -187,8 +258,7 @@ def replay(genesis: Genesis, entries: Iterable[Item], as_of: int, *,
     """
     if type(as_of) is not int or not 0 <= as_of <= MAX_AS_OF:
         raise AemError(errors.BAD_VALUE, "as_of must be Unix seconds in [0, 2^63-1]")
-    p = Params.of(genesis)
-    ctx = Context.of(genesis)
+    p, ctx = _derived(genesis)
     facts = _facts(entries, ctx, workers, progress)
     with paused_gc():
         return _replay(p, facts, as_of, checkpoint, check, on_entry)
@@ -209,6 +279,17 @@ def _replay(p: Params, facts: list[Fact], as_of: int, checkpoint: Checkpoint | N
         return _continue(fresh, facts, as_of, p, check, on_entry, "rewound")
     fresh = Checkpoint(p.net, 0, {}, {}, genesis_state(p), base=[])
     return _continue(fresh, facts, as_of, p, check, on_entry, "full")
+
+
+def _derived(genesis: Genesis) -> tuple[Params, Context]:
+    """The rule parameters and entry context of a genesis, computed once per
+    genesis object (a genesis with thousands of grants costs milliseconds to
+    read, which a per-task replay would pay every time)."""
+    got = genesis.__dict__.get("_replay_derived")
+    if got is None:
+        got = (Params.of(genesis), Context.of(genesis))
+        object.__setattr__(genesis, "_replay_derived", got)
+    return got
 
 
 def _facts(entries: Iterable[Item], ctx: Context, workers: int,
@@ -241,19 +322,26 @@ def _continue(ck: Checkpoint, facts: list[Fact], as_of: int, p: Params, check: b
             continue
         seen.add(f.id)
         fresh_facts.append(f)
-    feeds = dict(ck.feeds)
-    for a in {f.author for f in fresh_facts if f.author is not None and f.author in feeds}:
-        feeds[a] = feeds[a].copy()
-    notes = dict(ck.notes)
     recheck = ck.future_authors() if as_of > ck.as_of else []
-    for a in recheck:
-        if a in feeds and feeds[a] is ck.feeds[a]:
+    if incremental and not fresh_facts and not recheck:
+        # Nothing new and nothing waiting for this as-of: the checkpoint's
+        # feeds, notes and state are the answer, shared (none of them is
+        # changed below, and every continuation copies before it changes
+        # one), so a replay with nothing to add costs no copy of the ledger.
+        feeds, notes, joined = ck.feeds, ck.notes, []
+    else:
+        feeds = dict(ck.feeds)
+        for a in {f.author for f in fresh_facts if f.author is not None and f.author in feeds}:
             feeds[a] = feeds[a].copy()
-    joined = extend(feeds, notes, fresh_facts, as_of, recheck)
+        notes = dict(ck.notes)
+        for a in recheck:
+            if a in feeds and feeds[a] is ck.feeds[a]:
+                feeds[a] = feeds[a].copy()
+        joined = extend(feeds, notes, fresh_facts, as_of, recheck)
 
-    state = ck.state.copy() if incremental else ck.state
+    state = ck.state.copy() if incremental and joined else ck.state
     if incremental and joined:
-        if state.last_key is not None and (joined[0].lamport, joined[0].author, joined[0].seq) <= state.last_key:
+        if state.last_key is not None and order_key(joined[0]) <= state.last_key:
             raise Rewind()
         for f in joined:
             if (f.kind == "inference_receipt" and f.code is None and f.obj in state.orphans
@@ -282,21 +370,13 @@ def _continue(ck: Checkpoint, facts: list[Fact], as_of: int, p: Params, check: b
     view = final_view(state, as_of, events)
     if check:
         view.check_exhaustively()
-    frozen = new_ck.frozen()
-    rejected = dict(notes)
-    rejected.update(view.rejected)
     return ReplayResult(
         as_of=as_of,
-        balances={a: (view.avail.get(a, 0), view.pend.get(a, 0))
-                  for a in sorted(set(view.avail) | set(view.pend))
-                  if view.avail.get(a, 0) or view.pend.get(a, 0)},
-        rejected=rejected,
         events=events,
         entries=view.feed_len + len(notes),
         feed_len=view.feed_len,
         applied=view.applied,
         granted=view.granted, minted=view.minted, burned=view.burned,
-        frozen=frozen,
         mode=mode,
         checkpoint=new_ck,
         _view=view,

@@ -3,11 +3,13 @@ state. ``specs/ledger.md`` section 5 is the normative text; each function
 here checks the conditions in the order the spec lists them, and the first
 that fails gives the entry's reason code.
 
-Challenges are the one rule that looks beyond the entry at hand: whether a
-receipt is challenged is decided over the whole applied feed *before* the
-sequential pass (:func:`challenge_pass`), so a receipt that will be voided
-never settles to its host, whatever the order of the challenge, the
-settlement time and the host's later spending.
+Challenges, disputes and acks are the rules that look beyond the entry at
+hand: whether a receipt is challenged or disputed, and which receipt of a
+spend key its payer acknowledged, is decided over the whole applied feed
+*before* the sequential pass (:func:`challenge_pass`), so a receipt that will
+be voided never settles to its host, whatever the order of the challenge, the
+settlement time and the host's later spending, and no Lamport clock lets a
+receipt the payer never acknowledged take the payment from one it did.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import heapq
 from typing import NamedTuple
 
 from ledger import reasons
-from ledger.facts import Fact
-from ledger.state import PENDING, VOIDED, LedgerState
+from ledger.facts import Fact, order_key
+from ledger.feeds import Rewind
+from ledger.state import PENDING, SETTLED, VOIDED, LedgerState
 from protocol.genesis import Genesis
 
 MAX_SUPPLY = 2**62
@@ -67,41 +70,106 @@ def _common(s: LedgerState, f: Fact) -> str | None:
 
 
 def challenge_pass(s: LedgerState, facts: list[Fact], p: Params) -> dict[bytes, str | None]:
-    """Record the receipts the new facts name and decide each new challenge.
+    """Record the receipts and acks the new facts hold, and decide each new
+    challenge and dispute (specs/ledger.md section 5.5).
 
-    Returns entry id -> reason code (None: the challenge applies) for the
-    challenges among ``facts``; applying challenges are recorded in
-    ``s.challenged``. ``facts`` are in replay order and follow everything
-    already in ``s``.
+    Returns entry id -> reason code (None: it applies) for the challenges and
+    disputes among ``facts``; applying ones are recorded in ``s.challenged``.
+    ``facts`` are in replay order and follow everything already in ``s``.
+    Continuing a checkpoint, a new fact that would change a decision already
+    taken in the sequential pass raises :class:`Rewind` (a full replay starts
+    from an empty state, where it cannot happen).
     """
+    fresh: set[bytes] = set()     # receipts first known in this call
     for f in facts:
-        if f.kind == "inference_receipt" and f.code is None and f.signer == f.author:
-            s.receipt_times.setdefault(f.obj, settle_time(f, p))
+        if f.kind == "inference_receipt" and f.code is None and f.signer == f.author \
+                and f.obj not in s.receipt_times:
+            payer, spend_key = f.args[0], f.args[1]
+            s.receipt_times[f.obj] = settle_time(f, p)
+            s.receipt_keys[f.obj] = f.author + payer + spend_key
+            fresh.add(f.obj)
+            if f.obj + payer in s.acks:        # its ack was already recorded
+                _prefer(s, f.obj, fresh)
+    for f in facts:
+        if f.kind == "receipt_ack" and f.code is None and f.signer == f.author:
+            rid, accepted = f.args
+            if not accepted or rid + f.author in s.acks:
+                continue
+            s.acks.add(rid + f.author)
+            info = s.receipt_keys.get(rid)
+            if info is not None and info[32:64] == f.author:
+                if rid in s.disputed:
+                    raise Rewind()             # the dispute it shields against already passed
+                _prefer(s, rid, fresh)
     verdicts: dict[bytes, str | None] = {}
     seen_objects: set[bytes] = set()
     for f in facts:
-        if f.kind != "challenge":
+        if f.kind != "challenge" and f.kind != "dispute":
             continue
         code = _common(s, f)
         if code is None and f.obj in seen_objects:
             code = reasons.DUPLICATE_OBJECT
         if code is None:
-            rid, created_at = f.args
-            settle_at = s.receipt_times.get(rid)
-            if f.signer not in p.verifiers:
-                code = reasons.NOT_VERIFIER
-            elif settle_at is None:
-                code = reasons.CHALLENGE_NO_RECEIPT
-                s.orphans[rid] = s.orphans.get(rid, ()) + (f.id,)
-            elif created_at >= settle_at:
-                code = reasons.CHALLENGE_LATE
-            elif rid in s.challenged:
-                code = reasons.ALREADY_CHALLENGED
-            else:
-                s.challenged[rid] = ((f.lamport, f.author, f.seq), f.id)
-                seen_objects.add(f.obj)
+            code = (_check_challenge if f.kind == "challenge" else _check_dispute)(s, f, p)
+        if code is None:
+            rid = f.args[0]
+            s.challenged[rid] = (order_key(f), f.id)
+            seen_objects.add(f.obj)
+            if f.kind == "dispute":
+                s.disputed.add(rid)
+                r = s.receipts.get(rid)
+                if r is not None and r[4] == SETTLED:
+                    raise Rewind()             # voids an amount that has already settled
         verdicts[f.id] = code
     return verdicts
+
+
+def _check_challenge(s: LedgerState, f: Fact, p: Params) -> str | None:
+    rid, created_at = f.args
+    settle_at = s.receipt_times.get(rid)
+    if f.signer not in p.verifiers:
+        return reasons.NOT_VERIFIER
+    if settle_at is None:
+        s.orphans[rid] = s.orphans.get(rid, ()) + (f.id,)
+        return reasons.CHALLENGE_NO_RECEIPT
+    if created_at >= settle_at:
+        return reasons.CHALLENGE_LATE
+    if rid in s.challenged:
+        return reasons.ALREADY_CHALLENGED
+    return None
+
+
+def _check_dispute(s: LedgerState, f: Fact, p: Params) -> str | None:
+    rid, created_at = f.args
+    settle_at = s.receipt_times.get(rid)
+    if settle_at is None:
+        s.orphans[rid] = s.orphans.get(rid, ()) + (f.id,)
+        return reasons.DISPUTE_NO_RECEIPT
+    if s.receipt_keys.get(rid, b"")[32:64] != f.signer:
+        return reasons.NOT_PAYER
+    if created_at >= settle_at:
+        return reasons.DISPUTE_LATE
+    if rid + f.signer in s.acks:
+        return reasons.DISPUTE_ACKED
+    if rid in s.challenged:
+        return reasons.ALREADY_CHALLENGED
+    return None
+
+
+def _prefer(s: LedgerState, rid: bytes, fresh: set[bytes]) -> None:
+    """``rid`` is acknowledged by its payer: make it its spend key's preferred
+    receipt unless one with a smaller id already is (one rule, whatever the
+    order in which receipts and acks arrive)."""
+    key = s.receipt_keys[rid][32:]
+    cur = s.preferred.get(key)
+    if cur is not None and cur <= rid:
+        return
+    charged = s.spent.get(key)
+    if (charged is not None and charged != rid) or (rid not in fresh and cur is not None):
+        # Another receipt already charged the key, or this one was already
+        # refused as ACKED_ELSEWHERE: the sequential pass must be redone.
+        raise Rewind()
+    s.preferred[key] = rid
 
 
 def apply(s: LedgerState, f: Fact, p: Params, verdicts: dict, events: list | None) -> str | None:
@@ -112,7 +180,7 @@ def apply(s: LedgerState, f: Fact, p: Params, verdicts: dict, events: list | Non
     if s.heap and s.heap[0][0] <= s.clock:
         s.settle_due(s.clock, events)
     kind = f.kind
-    if kind == "challenge":
+    if kind == "challenge" or kind == "dispute":
         code = verdicts[f.id]
         if code is None:
             _void(s, f.args[0], f.id, events)
@@ -123,7 +191,7 @@ def apply(s: LedgerState, f: Fact, p: Params, verdicts: dict, events: list | Non
             if rule is not None:
                 code = rule(s, f, p, events)
     s.feed_len += 1
-    s.last_key = (f.lamport, f.author, f.seq)
+    s.last_key = order_key(f)
     if code is None:
         s.objects.add(f.obj)
         s.applied += 1
@@ -153,6 +221,9 @@ def _receipt(s: LedgerState, f: Fact, p: Params, events: list | None) -> str | N
     if s.avail.get(payer, 0) < charge:
         return reasons.INSUFFICIENT_FUNDS
     rid = f.obj
+    preferred = s.preferred.get(key)
+    if preferred is not None and preferred != rid:
+        return reasons.ACKED_ELSEWHERE   # the payer acknowledged another host's receipt for this key
     settle_at = settle_time(f, p)
     s.debit(payer, charge)
     s.pend_add(f.author, charge)
@@ -162,7 +233,7 @@ def _receipt(s: LedgerState, f: Fact, p: Params, events: list | None) -> str | N
     ch = s.challenged.get(rid)
     if ch is None:
         heapq.heappush(s.heap, (settle_at, rid))
-    elif ch[0] < (f.lamport, f.author, f.seq):
+    elif ch[0] < order_key(f):
         _void(s, rid, ch[1], events)   # its challenge came first: void at once
     return None
 

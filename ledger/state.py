@@ -4,7 +4,10 @@ All amounts are integers of micro-credits. Every change of a balance goes
 through the four methods of :class:`LedgerState` that keep running totals,
 so the conservation invariant (available + pending over all accounts equals
 granted + minted - burned) is checked in O(1) after every entry, and no
-available or pending balance can go below zero without an assertion failing.
+available or pending balance can go below zero without :class:`InvariantError`
+being raised. These checks are ordinary code, never ``assert``: they run
+under ``python -O`` too, since a broken rule must stop replay, not pass
+silently into a state root.
 
 The state root (``specs/ledger.md`` section 7) is a SHA-256 over fixed-width,
 sorted records of the final state; a second implementation reproduces it
@@ -15,16 +18,34 @@ from __future__ import annotations
 
 import heapq
 import struct
+from collections import ChainMap
 from typing import Any
 
 from crypto.hashing import H
+from protocol import errors
+from protocol.errors import AemError
 
-STATE_ROOT_TAG = b"aem-ledger-state-v1\x00"
+# v2: the rejected section commits to which entries a rule refused, not to
+# the code that refused them (specs/ledger.md section 7).
+STATE_ROOT_TAG = b"aem-ledger-state-v2\x00"
 
 # Receipt status in LedgerState.receipts.
 PENDING, SETTLED, VOIDED = 0, 1, 2
 
 _U64 = struct.Struct(">Q")
+
+
+class InvariantError(AemError):
+    """A ledger invariant does not hold: a bug in a rule, never bad input."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(errors.INVARIANT, detail)
+
+
+def require(ok: bool, detail: str) -> None:
+    """Check an invariant; unlike ``assert`` it also runs under ``python -O``."""
+    if not ok:
+        raise InvariantError(detail)
 
 
 class LedgerState:
@@ -50,6 +71,13 @@ class LedgerState:
         # Receipt id -> entry ids of challenges refused because no such receipt was known.
         self.orphans: dict[bytes, tuple] = {}
         self.spent: dict[bytes, bytes] = {}     # payer || spend_key -> receipt id
+        # Payments (rules.challenge_pass): every known receipt's host || payer || spend_key;
+        # receipt id || payer for every accepted ack; payer || spend_key -> the
+        # acknowledged receipt that alone may charge it; receipts voided by a dispute.
+        self.receipt_keys: dict[bytes, bytes] = {}
+        self.acks: set[bytes] = set()
+        self.preferred: dict[bytes, bytes] = {}
+        self.disputed: set[bytes] = set()
         self.objects: set[bytes] = set()        # ids of applied objects
         self.contributions: set[tuple] = set()  # (content_commitment, eval_id, credit_basis) minted
         self.rejected: dict[bytes, str] = {}    # entry id -> rule code, for entries of the applied feeds
@@ -66,7 +94,8 @@ class LedgerState:
 
     def debit(self, acct: bytes, amount: int) -> None:
         left = self.avail.get(acct, 0) - amount
-        assert left >= 0, "available balance below zero"
+        if left < 0:
+            raise InvariantError("available balance below zero")
         self.avail[acct] = left
         self.total_avail -= amount
 
@@ -76,21 +105,24 @@ class LedgerState:
 
     def pend_take(self, acct: bytes, amount: int) -> None:
         left = self.pend.get(acct, 0) - amount
-        assert left >= 0, "pending balance below zero"
+        if left < 0:
+            raise InvariantError("pending balance below zero")
         self.pend[acct] = left
         self.total_pend -= amount
 
     def check_conservation(self) -> None:
-        assert self.total_avail + self.total_pend == self.granted + self.minted - self.burned, \
-            "conservation: balances do not add up to granted + minted - burned"
+        if self.total_avail + self.total_pend != self.granted + self.minted - self.burned:
+            raise InvariantError("conservation: balances do not add up to granted + minted - burned")
 
     def check_exhaustively(self) -> None:
         """Recompute every sum from the accounts (tests call this after each entry)."""
-        assert sum(self.avail.values()) == self.total_avail
-        assert sum(self.pend.values()) == self.total_pend
-        assert all(v >= 0 for v in self.avail.values()) and all(v >= 0 for v in self.pend.values())
+        require(sum(self.avail.values()) == self.total_avail, "available total drifted")
+        require(sum(self.pend.values()) == self.total_pend, "pending total drifted")
+        require(all(v >= 0 for v in self.avail.values()) and all(v >= 0 for v in self.pend.values()),
+                "a balance is below zero")
         self.check_conservation()
-        assert sum(r[2] for rid, r in self.receipts.items() if r[4] == PENDING) == self.total_pend
+        require(sum(r[2] for rid, r in self.receipts.items() if r[4] == PENDING) == self.total_pend,
+                "pending receipts do not add up to the pending total")
 
     # -- settlement ------------------------------------------------------------
 
@@ -128,6 +160,8 @@ class LedgerState:
             list(self.orphans.items()), list(self.spent.items()), list(self.objects),
             list(self.contributions), list(self.rejected.items()), self.clock, self.applied,
             self.feed_len, self.last_key,
+            list(self.receipt_keys.items()), list(self.acks), list(self.preferred.items()),
+            list(self.disputed),
         ]
 
     @classmethod
@@ -135,7 +169,7 @@ class LedgerState:
         s = cls()
         (avail, pend, s.total_avail, s.total_pend, s.granted, s.minted, s.burned, receipts, pending,
          heap, rtimes, challenged, orphans, spent, objects, contribs, rejected, s.clock, s.applied,
-         s.feed_len, last_key) = v
+         s.feed_len, last_key, rkeys, acks, preferred, disputed) = v
         s.avail, s.pend = dict(avail), dict(pend)
         s.receipts = {t[0]: tuple(t[1:]) for t in receipts}
         s.pending = set(pending)
@@ -148,6 +182,8 @@ class LedgerState:
         s.contributions = {tuple(x) for x in contribs}
         s.rejected = dict(rejected)
         s.last_key = tuple(last_key) if last_key is not None else None
+        s.receipt_keys, s.acks = dict(rkeys), set(acks)
+        s.preferred, s.disputed = dict(preferred), set(disputed)
         return s
 
 
@@ -160,8 +196,11 @@ def final_view(state: LedgerState, as_of: int, events: list | None) -> LedgerSta
         return state
     v = LedgerState.__new__(LedgerState)
     v.__dict__.update(state.__dict__)
-    v.avail, v.pend, v.receipts, v.pending = (dict(state.avail), dict(state.pend),
-                                              dict(state.receipts), set(state.pending))
+    # Copy-on-write overlays: settling k receipts writes k records, so the
+    # view costs what falls due, not the size of the ledger (reads fall
+    # through to the checkpoint's maps, which stay as they were).
+    v.avail, v.pend, v.receipts = ChainMap({}, state.avail), ChainMap({}, state.pend), ChainMap({}, state.receipts)
+    v.pending = set(state.pending)
     v.heap = sorted(due)
     v.settle_due(as_of, events)
     v.heap = []
@@ -184,9 +223,10 @@ def state_root(state: LedgerState, net: bytes, as_of: int,
         for rid, r in sorted((rid, state.receipts[rid]) for rid in state.pending))
     spent = b"".join(k + rid for k, rid in sorted(state.spent.items()))
     objects = b"".join(sorted(state.objects))
-    rejected = b"".join(
-        eid + bytes([len(code)]) + code.encode("ascii")
-        for eid, code in sorted(state.rejected.items()))
+    # Only the ids: which code refused an entry is diagnostic, so two
+    # implementations that check a malformed entry's faults in another order
+    # still agree on the root.
+    rejected = b"".join(sorted(state.rejected))
     forks = b"".join(a + u64(s) for a, s in sorted(frozen.items()))
     return H(STATE_ROOT_TAG + net + u64(as_of) + u64(state.granted) + u64(state.minted)
              + u64(state.burned) + H(accounts) + H(pending) + H(spent) + H(objects)

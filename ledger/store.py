@@ -8,7 +8,8 @@ a predecessor is missing (it links as soon as that arrives), or *broken*
 when its predecessor turned out not to be its author's seq-1 (kept, never
 served). Two linked entries at one (author, seq) are an equivocation: both
 stay, and the author's fork seq is recorded; replay freezes the author from
-there (``ledger/feeds.py``), whatever arrived first.
+there (``ledger/feeds.py``), whatever arrived first. The frontier of a
+forked author is (fork seq, ``FORK_HEAD``), so sync spreads the evidence.
 
 Every insert checks size, signature, network and chain link before it
 writes, and runs in one transaction, so a crash leaves a prefix of the
@@ -33,13 +34,15 @@ from typing import Callable, Iterable, Iterator
 
 from crypto.hashing import H
 from ledger.facts import (FACTS_VERSION, Context, Fact, as_bytes, check_envelope, examine,
-                          examine_entry, pack_fact, unpack_fact)
+                          examine_entry, lamport_fits, local_clock_cap, pack_fact, unpack_fact)
+from ledger.feeds import links
 from ledger.replay import Checkpoint, ReplayResult, replay
 from protocol import errors
 from protocol.entry import Entry, make_entry
 from protocol.errors import AemError
 from protocol.genesis import Genesis
 from protocol.schema import Signed
+from protocol.sync import FORK_HEAD
 
 SCHEMA_VERSION = 1
 MAX_HELD = 100_000
@@ -168,9 +171,15 @@ class LogStore:
 
     def _refresh_facts(self) -> None:
         """Recompute every stored fact (after an upgrade changed their form)."""
-        rows = self._db.execute("SELECT rowid, data FROM entries").fetchall()
+        rows = self._db.execute("SELECT rowid, id, data FROM entries").fetchall()
+        facts = [(examine(d, self.ctx), r, i) for r, i, d in rows]
         self._db.executemany("UPDATE entries SET fact = ? WHERE rowid = ?",
-                             [(pack_fact(examine(d, self.ctx)), r) for r, d in rows])
+                             [(pack_fact(f), r) for f, r, _ in facts])
+        # Entries a newer rule refuses at insert (the Lamport bound, say) are
+        # kept as broken: never served, never a head, never followed.
+        gone = [(i,) for f, _, i in facts if f.author is None]
+        self._db.executemany("UPDATE entries SET state = 2 WHERE id = ?", gone)
+        self._db.executemany("DELETE FROM heads WHERE id = ?", gone)
         self._db.execute("DELETE FROM checkpoint")
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'facts'", (FACTS_VERSION,))
 
@@ -239,10 +248,19 @@ class LogStore:
                 raise AemError(errors.REFUSED, "own feed has entries that do not link; sync before authoring")
             if db.execute("SELECT 1 FROM forks WHERE author = ?", (me,)).fetchone():
                 raise AemError(errors.REFUSED, "own feed is forked")
-            row = db.execute("SELECT seq, id FROM heads WHERE author = ?", (me,)).fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (0, b"")
-            top = self._db.execute("SELECT MAX(lamport) FROM entries").fetchone()[0]
-            lamport = 0 if top is None else top + 1
+            row = db.execute("SELECT h.seq, h.id, e.lamport FROM heads h JOIN entries e ON e.id = h.id "
+                             "WHERE h.author = ?", (me,)).fetchone()
+            seq, prev, own = (row[0] + 1, row[1], row[2]) if row else (0, b"", -1)
+            # One more than the largest clock seen, counting only entries
+            # within this node's bound (an entry far ahead, from any author,
+            # can never leave this node without a valid clock) and never
+            # below its own last entry's.
+            top = db.execute("SELECT MAX(lamport) FROM entries WHERE lamport <= ?",
+                             (min(local_clock_cap(ts), 2**62),)).fetchone()[0]
+            lamport = max(own, -1 if top is None else top) + 1
+            if not lamport_fits(lamport, ts):
+                raise AemError(errors.REFUSED, f"own last entry's clock {own} is ahead of this "
+                                               f"node's time {ts}: check the system clock")
             e = make_entry(key, self.ctx.net, seq, prev, lamport, ts, obj)
             r = self._insert(e.encode())
             if r.status is not Status.ADDED:
@@ -264,7 +282,7 @@ class LogStore:
                            (e.prev,)).fetchone()
             if p is None or p[0] != e.author:
                 state = HELD             # predecessor not here (yet)
-            elif p[1] != e.seq - 1 or p[2] >= e.lamport or p[3] == BROKEN:
+            elif not links(p[1], p[2], e.seq, e.lamport) or p[3] == BROKEN:
                 return InsertResult(Status.REJECTED, eid, errors.BAD_CHAIN)
             elif p[3] == HELD:
                 state = HELD
@@ -297,7 +315,7 @@ class LogStore:
                     (pid,)).fetchall():
                 if cauthor != author:
                     continue
-                if cseq != pseq + 1 or clam <= plam:
+                if not links(pseq, plam, cseq, clam):
                     db.execute("UPDATE entries SET state = 2 WHERE id = ?", (cid,))
                     continue
                 db.execute("UPDATE entries SET state = 0 WHERE id = ?", (cid,))
@@ -324,11 +342,26 @@ class LogStore:
     # -- queries for sync -------------------------------------------------------
 
     def frontiers(self) -> dict[bytes, tuple[int, bytes]]:
-        """author -> (largest linked seq, id of that entry; the least id when
-        the author forked there)."""
+        """author -> (largest linked seq, id of that entry); for an author
+        that forked, (its fork seq, ``FORK_HEAD``), which no entry matches,
+        so every peer not frozen there fetches the evidence."""
         with self._lock:
             rows = self._db.execute("SELECT author, seq, id FROM heads").fetchall()
-        return {a: (s, i) for a, s, i in rows}
+            forks = self._db.execute("SELECT author, seq FROM forks").fetchall()
+        out = {a: (s, i) for a, s, i in rows}
+        for a, s in forks:
+            out[a] = (s, FORK_HEAD)
+        return out
+
+    def linked_ids(self, pairs: Iterable[tuple[bytes, int]]) -> dict[tuple[bytes, int], set[bytes]]:
+        """Ids of the linked entries at each (author, seq) (two or more where
+        the author forked): what sync compares a peer's chain with."""
+        out: dict[tuple[bytes, int], set[bytes]] = {}
+        with self._lock:
+            for author, seq in pairs:
+                out[(author, seq)] = {r[0] for r in self._db.execute(
+                    "SELECT id FROM entries WHERE author = ? AND seq = ? AND state = 0", (author, seq))}
+        return out
 
     def range(self, author: bytes, from_seq: int, limit: int) -> list[bytes]:
         """Bytes of ``author``'s entries with seq >= from_seq, linked or held,
@@ -466,12 +499,12 @@ class LogStore:
                 rows = self._db.execute(
                     "SELECT rowid, id, author, seq, prev, lamport, state, data FROM entries "
                     "WHERE rowid > ? ORDER BY rowid LIMIT 2000", (last,)).fetchall()
-                links = {}
+                preds = {}
                 for r in rows:
                     if r[3] > 0 and r[6] == LINKED:
                         p = self._db.execute("SELECT author, seq, lamport, state FROM entries WHERE id = ?",
                                              (r[4],)).fetchone()
-                        links[r[1]] = p
+                        preds[r[1]] = p
             if not rows:
                 break
             for rowid, eid, author, seq, prev, lamport, state, data in rows:
@@ -488,8 +521,8 @@ class LogStore:
                     rep.bad.append((eid, errors.STORE))
                     continue
                 if state == LINKED and seq > 0:
-                    p = links[eid]
-                    if p is None or p[0] != author or p[1] != seq - 1 or p[2] >= lamport or p[3] != LINKED:
+                    p = preds[eid]
+                    if p is None or p[0] != author or not links(p[1], p[2], seq, lamport) or p[3] != LINKED:
                         rep.bad.append((eid, errors.BAD_CHAIN))
                         continue
                 if f.code is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from protocol import errors
 from protocol.errors import AemError
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import (HASH, HASH_OR_EMPTY, KEY, SIG, TIME, Bytes, Signed, Str, UInt,
                              WireObject, f)
 from protocol.task import InferenceWorkReceipt, ReceiptAck
@@ -29,6 +29,7 @@ ENTRY_KINDS: dict[str, type[Signed]] = {
     "challenge": Challenge,
     "admission": AdmissionReport,
     "capsule_manifest": ExpertCapsuleManifest,
+    "dispute": Dispute,
 }
 
 MAX_ENTRY = 65536

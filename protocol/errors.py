@@ -49,6 +49,7 @@ BAD_PROOF = "BAD_PROOF"
 BAD_CHAIN = "BAD_CHAIN"                # prev hash or seq does not link
 EQUIVOCATION = "EQUIVOCATION"
 STORE = "STORE"                        # store file missing, locked, corrupt
+INVARIANT = "INVARIANT"                # a ledger invariant failed: a bug, never bad input
 
 # Node, CLI, config.
 CONFIG = "CONFIG"
@@ -57,3 +58,4 @@ NO_NODE = "NO_NODE"                    # no daemon answers on the control socket
 REFUSED = "REFUSED"
 TIMEOUT = "TIMEOUT"
 UNAVAILABLE = "UNAVAILABLE"
+INTERNAL = "INTERNAL"                  # an unexpected failure (a bug), reported instead of crashing

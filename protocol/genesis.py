@@ -46,10 +46,15 @@ class Limits(WireObject):
     max_task_bytes: int = f(UInt(4096, 32 << 20))
     max_gossip_bytes: int = f(UInt(1024, 1 << 20))
     max_sync_batch: int = f(UInt(1, 10_000))
+    #: Longest validity window (``expires_at - issued_at``, seconds) of a NodeCard
+    #: or HostAdvertisement: what any key can make the mesh remember before it
+    #: must sign again (specs/sync-protocol.md §2).
+    max_announce_lifetime_s: int = f(UInt(60, 7 * 86400))
 
 
 DEFAULT_LIMITS = Limits(max_entry_bytes=65536, max_task_bytes=12 << 20,
-                        max_gossip_bytes=16384, max_sync_batch=512)
+                        max_gossip_bytes=16384, max_sync_batch=512,
+                        max_announce_lifetime_s=3600)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ manifests of the expert capsules they serve."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from protocol import errors
@@ -13,6 +14,11 @@ from protocol.schema import (AMOUNT, HASH, KEY, NAME, SIG, TAG, TEXT, TIME, List
 CAPSULE_KINDS = ("gguf", "code_patch")
 ROLES = ("inference", "verifier", "code_patch")
 ADDR = Str(256, pattern=r"/[\x21-\x7e]+")
+
+
+def _wire_default(value, kind):
+    """A wire field (required when decoding) that constructors may omit."""
+    return dataclasses.field(default=value, metadata={"kind": kind})
 
 
 class _Expiring:
@@ -40,6 +46,9 @@ class NodeCard(_Expiring, Signed):
     issued_at: int = f(TIME)
     expires_at: int = f(TIME)
     sig: bytes = f(SIG)
+    # Required on the wire like every field; a default only so that code
+    # building a card need not name it (dataclass defaults go last).
+    gpu_layers: int = _wire_default(0, UInt(0, 1 << 16))   # model layers it runs on a GPU now
 
     def _validate(self) -> None:
         self._check_window()
@@ -65,6 +74,11 @@ class HostAdvertisement(_Expiring, Signed):
     issued_at: int = f(TIME)
     expires_at: int = f(TIME)
     sig: bytes = f(SIG)
+    # What the capsule is, as its manifest says (the host's claim, for people
+    # choosing a host; routing does not trust it). Empty/0 for code-patch.
+    model: str = _wire_default("", Str(128))
+    size_bytes: int = _wire_default(0, UInt())
+    quantization: str = _wire_default("", Str(32))
 
     def _validate(self) -> None:
         self._check_window()

@@ -1,5 +1,6 @@
 """Ledger-facing objects besides inference receipts: contributions (the only
-way credits are minted), admission reports, challenges and transfers."""
+way credits are minted), admission reports, challenges, payers' disputes and
+transfers."""
 
 from __future__ import annotations
 
@@ -105,6 +106,24 @@ class Challenge(Signed):
     receipt_id: bytes = f(HASH)
     reason: str = f(TEXT)
     evidence_hash: bytes = f(HASH_OR_EMPTY)
+    created_at: int = f(TIME)
+    sig: bytes = f(SIG)
+
+
+@dataclass(frozen=True)
+class Dispute(Signed):
+    """A payer's claim that it never received the work a receipt charges it
+    for. Inside the challenge window, for a receipt the payer never
+    acknowledged, it voids the receipt and refunds the payer; every dispute
+    stays on record in the payer's feed (specs/ledger.md section 5.5)."""
+    TYPE = "dispute"
+    SIGNER = "payer"
+    MAX_SIZE = 1024
+
+    net: bytes = f(HASH)
+    payer: bytes = f(KEY)
+    receipt_id: bytes = f(HASH)
+    reason: str = f(TEXT)
     created_at: int = f(TIME)
     sig: bytes = f(SIG)
 

@@ -322,7 +322,10 @@ class WireObject:
         if cls.TYPE:
             if m.get("type") != cls.TYPE:
                 raise AemError(errors.WRONG_OBJECT, f"{where}: type is {m.get('type')!r}, expected {cls.TYPE!r}")
-            if m.get("version") != cls.VERSION:
+            # An exact type test, never ==: in Python True == 1, and a msgpack
+            # `true` must not pass as version 1 (nor as any other integer).
+            v = m.get("version")
+            if type(v) is not int or v != cls.VERSION:
                 raise AemError(errors.WRONG_OBJECT, f"{where}: unsupported version {m.get('version')!r}")
         if m.keys() != expected:
             unknown = set(m) - expected

@@ -4,6 +4,7 @@ InferenceWorkReceipt, the payer's ReceiptAck, and the router's RouteTrace."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from crypto.hashing import H
@@ -18,13 +19,28 @@ MAX_REPO_TAR = 8 << 20
 MAX_PATCH = 1 << 20
 MAX_PROMPT = 64 << 10
 MAX_TOKENS = 8192
+# A text answer may run this many tokens past max_tokens: llama.cpp's
+# completion finishes a UTF-8 sequence begun at the limit (specs/task-protocol.md §3).
+UTF8_TAIL_TOKENS = 3
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 64
+
+
+@dataclass(frozen=True)
+class ChatMessage(WireObject):
+    """One turn of a chat task. The host renders the whole list with its
+    model's own chat template (specs/task-protocol.md, chat tasks)."""
+    role: str = f(Str(16, choices=CHAT_ROLES))
+    content: str = f(Str(MAX_PROMPT))
 
 
 @dataclass(frozen=True)
 class TaskPacket(Signed):
-    """One unit of work. ``text`` tasks use prompt/max_tokens/temperature/seed;
-    ``code_patch`` tasks use repo_tar/repo_hash/patch/test_cmd. The fields of
-    the other kind are empty, so every packet has the same shape."""
+    """One unit of work. ``text`` tasks use max_tokens/temperature/seed and
+    exactly one of ``prompt`` (a raw completion) or ``messages`` (a chat,
+    rendered by the host's chat template); ``code_patch`` tasks use
+    repo_tar/repo_hash/patch/test_cmd. The fields of the other kind are empty,
+    so every packet has the same shape."""
     TYPE = "task"
     SIGNER = "payer"
     MAX_SIZE = MAX_REPO_TAR + MAX_PATCH + MAX_PROMPT + 65536
@@ -47,14 +63,23 @@ class TaskPacket(Signed):
     latency_budget_ms: int = f(UInt(0, 3_600_000))
     created_at: int = f(TIME)
     sig: bytes = f(SIG)
+    # Last, with a default, so code that builds raw-completion packets need not
+    # name it; on the wire it is required like every field (keys are sorted).
+    messages: tuple = dataclasses.field(
+        default=(), metadata={"kind": ListOf(Obj(ChatMessage), MAX_MESSAGES)})
 
     def _validate(self) -> None:
         if self.kind == "text":
             if self.repo_tar or self.repo_hash or self.patch or self.test_cmd:
                 raise AemError(errors.BAD_VALUE, "task: a text task carries no repository")
+            if bool(self.prompt) == bool(self.messages):
+                raise AemError(errors.BAD_VALUE, "task: a text task carries exactly one of prompt or messages")
+            # Each message is bounded by the schema; together they get the prompt's budget.
+            if sum(len(m.content.encode("utf-8")) for m in self.messages) > MAX_PROMPT:
+                raise AemError(errors.TOO_LARGE, f"task: messages longer than {MAX_PROMPT} bytes together")
         else:
-            if self.prompt or self.max_tokens:
-                raise AemError(errors.BAD_VALUE, "task: a code_patch task carries no prompt")
+            if self.prompt or self.max_tokens or self.messages:
+                raise AemError(errors.BAD_VALUE, "task: a code_patch task carries no prompt or messages")
             if not self.test_cmd:
                 raise AemError(errors.BAD_VALUE, "task: a code_patch task needs a test command")
             if self.repo_hash != H(self.repo_tar):
@@ -63,14 +88,17 @@ class TaskPacket(Signed):
 
 @dataclass(frozen=True)
 class SpendAuthorization(Signed):
-    """The payer's permission to charge at most ``max_charge`` for one task.
-    ``spend_key`` is used once in the whole ledger: the first charge wins."""
+    """The payer's permission for ``host``, and no one else, to charge at most
+    ``max_charge`` (that host's price) for one task. A retry on another host
+    gets its own authorisation with the same ``spend_key``, which the whole
+    ledger charges once (specs/ledger.md section 5.3)."""
     TYPE = "spend_auth"
     SIGNER = "payer"
     MAX_SIZE = 1024
 
     net: bytes = f(HASH)
     payer: bytes = f(KEY)
+    host: bytes = f(KEY)
     spend_key: bytes = f(Bytes(32))
     task_hash: bytes = f(HASH)
     max_charge: int = f(AMOUNT)
@@ -102,6 +130,10 @@ class InferenceWorkReceipt(Signed):
         a = self.spend_auth
         if a.payer != self.payer or a.task_hash != self.task_hash or a.net != self.net:
             raise AemError(errors.BAD_VALUE, "inference_receipt: spend_auth is for another payer, task or network")
+        if a.host != self.host:
+            # Every host the payer tried saw the authorisation: only the one
+            # it was made out to may charge it.
+            raise AemError(errors.BAD_VALUE, "inference_receipt: spend_auth is made out to another host")
         if self.charge > a.max_charge:
             raise AemError(errors.BAD_VALUE, "inference_receipt: charge exceeds max_charge")
         if self.finished_at < self.started_at:
@@ -114,7 +146,9 @@ class InferenceWorkReceipt(Signed):
 
 @dataclass(frozen=True)
 class ReceiptAck(Signed):
-    """The payer's acknowledgement of a receipt it received."""
+    """The payer's acknowledgement of a receipt it received. With ``accepted``
+    true it makes that receipt the one that charges its spend key and shields
+    it from the payer's own dispute (specs/ledger.md section 5.5)."""
     TYPE = "receipt_ack"
     SIGNER = "payer"
     MAX_SIZE = 512

@@ -2,7 +2,8 @@
 
 One task per stream: the payer's node sends a TaskRequest; the host answers
 TaskRefused, or TaskAccepted, then output chunks as they are produced, then
-TaskResult carrying the full output and the host-signed receipt.
+TaskResult carrying the full output and the host-signed receipt, or TaskFailed
+(the work failed or produced nothing: no receipt, no charge).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ class TaskRefused(WireObject):
 
 
 @dataclass(frozen=True)
+class TaskFailed(WireObject):
+    """After task_accepted, instead of task_result: the work failed (or a text
+    task produced no output), no receipt was made and nothing is charged."""
+    TYPE = "task_failed"
+    MAX_SIZE = 1024
+    code: str = f(Str(32))
+    detail: str = f(TEXT)
+
+
+@dataclass(frozen=True)
 class TaskAccepted(WireObject):
     TYPE = "task_accepted"
     MAX_SIZE = 128
@@ -68,7 +79,7 @@ class TaskResult(WireObject):
     receipt: InferenceWorkReceipt = f(Obj(InferenceWorkReceipt))
 
 
-REPLIES = {c.TYPE: c for c in (TaskRefused, TaskAccepted, TaskChunk, TaskResult)}
+REPLIES = {c.TYPE: c for c in (TaskRefused, TaskAccepted, TaskChunk, TaskResult, TaskFailed)}
 MAX_REPLY = TaskResult.MAX_SIZE
 
 

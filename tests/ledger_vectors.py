@@ -11,7 +11,7 @@ from crypto.hashing import H
 from crypto.keys import SigningKey
 from ledger.replay import ReplayResult, replay
 from protocol.entry import Entry, make_entry
-from protocol.genesis import CREDIT_BASES, DEFAULT_LIMITS, Genesis, Grant, MintRate
+from protocol.genesis import CREDIT_BASES, Genesis, Grant, Limits, MintRate
 from protocol.receipts import Challenge, ContributionReceipt, Transfer
 from protocol.task import InferenceWorkReceipt, SpendAuthorization
 
@@ -27,6 +27,10 @@ CAROL = SigningKey.from_seed(bytes([0x16]) * 32)
 NAMES = {FOUNDER.public: "founder", V1.public: "v1", V2.public: "v2", ALICE.public: "alice",
          BOB.public: "bob", CAROL.public: "carol"}
 AS_OF = (T0 + 1000, T0 + 7200)
+# Spelled out (not DEFAULT_LIMITS), so the vector is rebuilt from the spec's
+# text alone and does not move when a default does.
+LIMITS = Limits(max_entry_bytes=65536, max_task_bytes=12 << 20, max_gossip_bytes=16384,
+                max_sync_batch=512, max_announce_lifetime_s=3600)
 
 
 def genesis() -> Genesis:
@@ -37,7 +41,7 @@ def genesis() -> Genesis:
                              Grant(account=BOB.public, amount=5 * C)), key=lambda g: g.account)),
         challenge_window=3600,
         mint_rates=tuple(MintRate(basis=b, micro_per_unit=10_000) for b in sorted(CREDIT_BASES)),
-        max_mint_per_receipt=1000 * C, limits=DEFAULT_LIMITS, sig=b"",
+        max_mint_per_receipt=1000 * C, limits=LIMITS, sig=b"",
     ).signed(FOUNDER)
 
 
@@ -61,8 +65,9 @@ def entries() -> list[tuple[str, Entry]]:
         return Transfer(net=net, sender=sender.public, recipient=recipient.public, amount=amount,
                         nonce=bytes([nonce]) * 16, created_at=at, sig=b"").signed(sender)
 
-    def auth(payer, spend_key, task, max_charge, expires_at):
-        return SpendAuthorization(net=net, payer=payer.public, spend_key=bytes([spend_key]) * 32,
+    def auth(payer, host, spend_key, task, max_charge, expires_at):
+        return SpendAuthorization(net=net, payer=payer.public, host=host.public,
+                                  spend_key=bytes([spend_key]) * 32,
                                   task_hash=H(task), max_charge=max_charge, expires_at=expires_at,
                                   sig=b"").signed(payer)
 
@@ -80,9 +85,9 @@ def entries() -> list[tuple[str, Entry]]:
                                 measured_delta=delta, created_at=at, attestations=(), sig=b"")
         return c.replace(attestations=tuple(c.attested_by(v) for v in attesters)).signed(who)
 
-    a1 = auth(ALICE, 0xA1, b"task-1", 3 * C, T0 + 600)
+    a1 = auth(ALICE, BOB, 0xA1, b"task-1", 3 * C, T0 + 600)
     r1 = receipt(BOB, a1, 2 * C, b"output-1", T0 + 10, T0 + 20)
-    a2 = auth(ALICE, 0xA2, b"task-2", 5 * C, T0 + 600)
+    a2 = auth(ALICE, CAROL, 0xA2, b"task-2", 5 * C, T0 + 600)
     r2 = receipt(CAROL, a2, 4 * C, b"output-2", T0 + 40, T0 + 50)
     add("E1", ALICE, 1, T0, transfer(ALICE, CAROL, 10 * C, 1, T0))
     add("E2", BOB, 2, T0 + 20, r1)

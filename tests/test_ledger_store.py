@@ -17,6 +17,7 @@ from ledger import store as store_mod
 from ledger.logfile import write_log
 from ledger.replay import replay
 from ledger.store import LogStore, Status
+from protocol.sync import FORK_HEAD
 from protocol import errors
 from protocol.entry import make_entry
 from protocol.errors import AemError
@@ -84,7 +85,7 @@ def test_frontiers_and_ranges(store, net):
     assert store.range(a.public, 2, 2) == [es[2].encode(), es[3].encode()]
     f = net.fork(a, 4, net.transfer(a, b, 77))
     store.insert(f)
-    assert store.frontiers()[a.public] == (4, min(f.id, es[4].id))
+    assert store.frontiers()[a.public] == (4, FORK_HEAD)
     assert set(store.range(a.public, 4, 2)) == {f.encode(), es[4].encode()}
     assert store.get(eb.id) == eb.encode() and store.get(b"\0" * 32) is None
 
@@ -230,3 +231,26 @@ def test_sigkill_while_appending_leaves_a_prefix(tmp_path, seed):
         from crypto.hashing import H
         assert ids == {H(w) for w in written[:n]}, "not a prefix of what was written"
         assert s.replay(T0 + 10).state_root == replay(net.genesis, written[:n], T0 + 10).state_root
+
+
+def test_a_replay_with_nothing_new_copies_nothing(store, net):
+    """The per-task ledger check (a replay with no new entries, then one
+    balance) shares the checkpoint's state instead of copying it and builds
+    no map of all accounts: its cost does not grow with the log."""
+    a, b = net.users[:2]
+    store.insert_many([net.append(a, net.transfer(a, b, i + 1)) for i in range(50)])
+    r1 = store.replay(T0 + 10)
+    r2 = store.replay(T0 + 20)
+    assert r2.mode == "incremental"
+    assert r2.checkpoint.state is r1.checkpoint.state
+    assert r2.checkpoint.feeds is r1.checkpoint.feeds and r2.checkpoint.notes is r1.checkpoint.notes
+    assert r2.available(a.public) == net.grant - 1275
+    assert r2._balances is None
+    assert r2.spend_key_used(a.public, b"\x00" * 32) is False
+    # A new entry still gives a new state, and leaves earlier results as they were.
+    store.insert(net.append(b, net.transfer(b, a, 5)))
+    r3 = store.replay(T0 + 30)
+    assert r3.checkpoint.state is not r2.checkpoint.state
+    assert r3.available(a.public) == net.grant - 1275 + 5
+    assert r2.available(a.public) == net.grant - 1275
+    assert r3.state_root == replay(net.genesis, list(store.iter_entries()), T0 + 30).state_root

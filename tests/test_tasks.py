@@ -221,7 +221,7 @@ def test_host_refuses_an_unfunded_payer_before_any_work(task_mesh):
                       prompt="hi", max_tokens=4, temperature_milli=0, seed=0, repo_tar=b"", repo_hash=b"",
                       patch="", test_cmd=(), max_price=10**6, latency_budget_ms=0, created_at=now,
                       sig=b"").signed(broke)
-    auth = SpendAuthorization(net=net, payer=broke.public, spend_key=_os.urandom(32), task_hash=task.id,
+    auth = SpendAuthorization(net=net, payer=broke.public, host=h.account, spend_key=_os.urandom(32), task_hash=task.id,
                               max_charge=10**6, expires_at=now + 600, sig=b"").signed(broke)
     forged = auth.replace(max_charge=10**7)            # a signature that no longer matches
     entries_before = h.call("status")["log_entries"]
@@ -241,3 +241,33 @@ def test_host_refuses_an_unfunded_payer_before_any_work(task_mesh):
     assert isinstance(reply, TaskRefused) and reply.code == "BAD_SIGNATURE"
     assert h.call("status")["log_entries"] == entries_before      # no receipt, no work
     assert H(b"") != capsule
+
+
+def test_more_tasks_at_once_than_a_host_takes_streams_from_one_peer_all_run(task_mesh):
+    """A host serves few task streams per peer at once (slowloris defence); a
+    payer with more tasks than that queues them per host instead of having
+    the extra streams reset and the host marked as failing."""
+    from aemd.p2p import P2PConfig
+
+    mesh, _ = task_mesh
+    p, h = mesh.nodes[:2]
+    n = P2PConfig().max_streams_per_peer * 2 + 2
+    results: list[subprocess.CompletedProcess] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        out = aemctl(p.home, "submit-task", "--domain", "general", "--prompt", f"{PROMPT} {i}",
+                     "--max-tokens", "4", "--max-price", "1", "--json")
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == n
+    failed = [r.stderr for r in results if r.returncode != 0]
+    assert not failed, failed[:3]
+    assert {json.loads(r.stdout)["host"] for r in results} == {h.account.hex()}
+    assert all(json.loads(r.stdout)["attempts"] == 1 for r in results)

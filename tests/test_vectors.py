@@ -9,7 +9,7 @@ from crypto import domains
 from protocol.entry import ENTRY_KINDS, Entry
 from protocol.genesis import Genesis
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import WireObject
 from protocol.task import (InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization,
                            TaskPacket)
@@ -18,7 +18,7 @@ from tests import vectors
 SPEC = (Path(__file__).resolve().parent.parent / "specs" / "wire-format.md").read_text()
 TYPES = {c.TYPE: c for c in (Genesis, NodeCard, HostAdvertisement, ExpertCapsuleManifest,
                              TaskPacket, SpendAuthorization, InferenceWorkReceipt, ReceiptAck,
-                             ContributionReceipt, AdmissionReport, Challenge, Transfer, RouteTrace,
+                             ContributionReceipt, AdmissionReport, Challenge, Dispute, Transfer, RouteTrace,
                              Entry)}
 
 

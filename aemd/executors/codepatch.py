@@ -603,7 +603,7 @@ class _Run:
 @dataclass
 class _Sandbox:
     level: str
-    ws: Path                                  # host workspace (0711): task/, out/
+    ws: Path                                  # host workspace (0700): task/ (0700), out/
     uid: int | None                           # private uid when running as root
     limits: Limits
     python_dirs: list[str] = field(default_factory=list)
@@ -795,10 +795,17 @@ def run_code_patch(
     ws = Path(tempfile.mkdtemp(prefix="aem-codepatch-"))
     uid = None
     try:
-        os.chmod(ws, 0o711)
+        # 0700 all the way: the payer's repository and patch are nobody
+        # else's business on this machine. The sandbox's own uid (as root)
+        # owns task/ after the chown below; it never needs to traverse ws:
+        # bwrap binds task/ at /task, and the unshare mode mounts over the
+        # ancestors it cannot traverse (_cover_points) and binds task/ back.
+        os.chmod(ws, 0o700)
         (ws / "out").mkdir(mode=0o700)
         task = ws / "task"
-        (task / "repo").mkdir(parents=True)
+        task.mkdir(mode=0o700)
+        os.chmod(task, 0o700)                 # mkdir's mode is cut by the umask; be explicit
+        (task / "repo").mkdir()
         (task / "tmp").mkdir()
         (task / "bin").mkdir()
         for name in ("python", "python3"):

@@ -34,6 +34,22 @@ model-parameter defaults that ``Llama.__init__`` starts from have it off while o
 model loads (under a lock, restored afterwards), and the executor checks that the
 loaded model's parameters really have it off.
 
+Chat: :meth:`LlamaExecutor.chat` is, in the same way, the direct call
+``create_chat_completion(messages, max_tokens=N, temperature=T, seed=S)`` on a
+model whose GGUF metadata holds ``tokenizer.chat_template``: the template is
+rendered with llama-cpp-python's own ``Jinja2ChatFormatter`` (a sandboxed Jinja2
+environment, ``add_generation_prompt`` true, ``bos_token``/``eos_token`` the
+model's token texts), the rendered text is tokenised with special tokens parsed and
+no BOS added (the template writes its own), and the token loop above runs on it with
+two more stops, as ``create_chat_completion`` does: the end-of-turn token (EOS; it
+is an end-of-generation token, so the loop's own rule covers it) and the EOS text
+as a stop string (the text is cut before it and no piece of it reaches
+``on_token``). A model without a template refuses chat (``REFUSED``): guessing a
+format would make the answer depend on a guess. llama-cpp-python swaps in a
+built-in formatter for three exact template strings (ChatML, Mistral, Llama 3) and
+falls back to Llama 2's format without a template; this executor always renders
+the file's own template, which is what another implementation can reproduce.
+
 Timeouts: a thread cannot be killed, so the token loop checks a cancel flag before
 every decode step. :meth:`LlamaExecutor.agenerate` runs :meth:`generate` in a worker
 thread under the caller's ``trio.CapacityLimiter`` and sets the flag when its
@@ -54,7 +70,9 @@ from typing import Callable, Iterator
 
 import trio
 
-from protocol.errors import BAD_VALUE, NOT_FOUND, TIMEOUT, TOO_LARGE, UNAVAILABLE, AemError
+from protocol.errors import (BAD_TYPE, BAD_VALUE, NOT_FOUND, REFUSED, TIMEOUT, TOO_LARGE,
+                             UNAVAILABLE, AemError)
+from protocol.task import UTF8_TAIL_TOKENS
 
 from .ggufmeta import check_gguf
 
@@ -71,6 +89,8 @@ MAX_PROMPT_BYTES = 1 << 20          # prompt size limit, checked before tokenisi
 MAX_NEW_TOKENS = 1 << 16
 MAX_SEED = 0xFFFFFFFF
 MAX_TEMPERATURE_MILLI = 10_000
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant")
 
 # create_completion's sampling defaults (llama-cpp-python 0.3.36)
 _SAMPLING = dict(top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0, repeat_penalty=1.0,
@@ -132,6 +152,32 @@ def _check_int(name: str, v: object, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise AemError(BAD_VALUE, f"{name} must be an integer in {lo}..{hi}, not {v!r}")
     return v
+
+
+def _check_messages(messages: object) -> list[dict]:
+    """A plain copy of a chat's messages, each ``{"role", "content"}`` and nothing else."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise AemError(BAD_VALUE, "messages must be a non-empty list")
+    if len(messages) > MAX_MESSAGES:
+        raise AemError(TOO_LARGE, f"more than {MAX_MESSAGES} messages")
+    out, size = [], 0
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else \
+            (getattr(m, "role", None), getattr(m, "content", None))
+        if isinstance(m, dict) and set(m) != {"role", "content"}:
+            raise AemError(BAD_VALUE, f"message {i} must have exactly role and content")
+        if role not in CHAT_ROLES:
+            raise AemError(BAD_VALUE, f"message {i}: role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise AemError(BAD_TYPE, f"message {i}: content must be a string")
+        try:
+            size += len(content.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise AemError(BAD_VALUE, f"message {i} is not encodable as UTF-8") from None
+        out.append({"role": role, "content": content})
+    if size > MAX_PROMPT_BYTES:
+        raise AemError(TOO_LARGE, f"messages longer than {MAX_PROMPT_BYTES} bytes")
+    return out
 
 
 class LlamaExecutor:
@@ -237,13 +283,86 @@ class LlamaExecutor:
         _check_int("seed", seed, 0, MAX_SEED)
         _check_int("temperature_milli", temperature_milli, 0, MAX_TEMPERATURE_MILLI)
         with self._lock:
-            return self._generate(prompt, max_tokens, seed, temperature_milli,
-                                  on_token, cancel)
+            t0 = time.perf_counter_ns()
+            return self._generate(t0, self._prompt_tokens(prompt), max_tokens, seed,
+                                  temperature_milli, on_token, cancel)
 
-    def _generate(self, prompt, max_tokens, seed, temperature_milli, on_token, cancel):
-        t0 = time.perf_counter_ns()
+    # -- chat ------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (GGUF ``tokenizer.chat_template``), if any."""
+        t = self._llm.metadata.get("tokenizer.chat_template")
+        return t if isinstance(t, str) and t else None
+
+    def _token_text(self, token: int) -> str:
+        return self._llm._model.token_get_text(token) if token != -1 else ""
+
+    def _chat_prompt(self, messages: list[dict]) -> tuple[list[int], list[bytes]]:
+        """The prompt tokens and stop strings of a chat, as create_chat_completion
+        builds them from the model's template."""
+        from jinja2.exceptions import TemplateError
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        template = self.chat_template
+        if template is None:
+            raise AemError(REFUSED, "this model has no chat template (tokenizer.chat_template); "
+                                    "send a raw prompt instead")
         llm = self._llm
-        prompt_tokens = self._prompt_tokens(prompt)
+        eos = llm.token_eos()
+        try:
+            formatter = Jinja2ChatFormatter(template=template, eos_token=self._token_text(eos),
+                                            bos_token=self._token_text(llm.token_bos()),
+                                            stop_token_ids=[eos])
+            rendered = formatter(messages=messages)
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # A template may refuse a conversation (raise_exception), or be broken.
+            raise AemError(BAD_VALUE, f"the model's chat template refused the messages: {e}"[:240]) from None
+        if len(rendered.prompt.encode("utf-8", "replace")) > MAX_PROMPT_BYTES:
+            raise AemError(TOO_LARGE, f"the rendered chat is longer than {MAX_PROMPT_BYTES} bytes")
+        tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                              special=True)
+        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        # An empty stop string would match at once; llama-cpp-python does that for a
+        # model without EOS text, which is never what anyone wants.
+        return tokens, [x.encode("utf-8") for x in stops if x]
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt tokens a chat would evaluate."""
+        with self._lock:
+            return self._chat_prompt(_check_messages(messages))[0]
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        seed: int,
+        temperature_milli: int = 0,
+        on_token: Callable[[str], None] | None = None,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """The assistant's answer to ``messages`` (a list of ``{"role", "content"}``),
+        up to ``max_tokens`` tokens; otherwise as :meth:`generate`."""
+        messages = _check_messages(messages)
+        _check_int("max_tokens", max_tokens, 1, MAX_NEW_TOKENS)
+        _check_int("seed", seed, 0, MAX_SEED)
+        _check_int("temperature_milli", temperature_milli, 0, MAX_TEMPERATURE_MILLI)
+        with self._lock:
+            t0 = time.perf_counter_ns()
+            tokens, stops = self._chat_prompt(messages)
+            if tokens and tokens[-1] == self._llm.token_eos():
+                # create_chat_completion's stopping criterion sees the end-of-turn
+                # token as the last evaluated one and stops before sampling anything.
+                return GenerationResult(text="", output_bytes=b"", tokens_out=0, token_ids=(),
+                                        prompt_tokens=len(tokens), finish_reason="stop",
+                                        first_token_ns=None, last_token_ns=None,
+                                        total_ns=time.perf_counter_ns() - t0)
+            return self._generate(t0, tokens, max_tokens, seed, temperature_milli, on_token,
+                                  cancel, stops)
+
+    def _generate(self, t0, prompt_tokens, max_tokens, seed, temperature_milli, on_token, cancel,
+                  stops: list[bytes] = ()):
+        llm = self._llm
         n_ctx = llm.n_ctx()
         if len(prompt_tokens) >= n_ctx:
             raise AemError(TOO_LARGE, f"prompt is {len(prompt_tokens)} tokens, "
@@ -260,6 +379,7 @@ class LlamaExecutor:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         completion: list[int] = []
         out = bytearray()
+        sent = 0                             # bytes of ``out`` passed to on_token
         first_ns = last_ns = None
         finish = "length"
         multibyte_fix = 0
@@ -281,10 +401,11 @@ class LlamaExecutor:
                 if not out and completion[0] == bos and piece[:1] == b" ":
                     piece = piece[1:]        # detokenize() drops a space after a leading BOS
                 out += piece
-                if on_token is not None:
+                if on_token is not None and not stops:
                     text_piece = decoder.decode(piece)
                     if text_piece:
                         on_token(text_piece)
+                    sent = len(out)
                 # create_completion holds back a completion whose last bytes look like
                 # the start of a multi-byte sequence, even past max_tokens
                 tail = out[-3:]
@@ -295,19 +416,37 @@ class LlamaExecutor:
                             multibyte_fix = num - k
                 if len(completion) >= room:
                     break                    # the context is full
-                if multibyte_fix > 0:
+                if multibyte_fix > 0 and len(completion) < max_tokens + UTF8_TAIL_TOKENS:
+                    # Past that, a run of lead bytes (random weights emit them)
+                    # would go on without end; the protocol bounds the tail.
                     multibyte_fix -= 1
                     continue
+                if stops:
+                    # as create_completion: the text ends before the first stop string
+                    # found; a tail that may begin one is held back from on_token.
+                    hit = [x for x in stops if x in out]
+                    if hit:
+                        del out[out.index(hit[0]):]
+                        finish = "stop"
+                        break
+                    hold = max((i for x in stops for i in range(min(len(x), len(out)), 0, -1)
+                                if out.endswith(x[:i])), default=0)
+                    if on_token is not None and len(out) - hold > sent:
+                        text_piece = decoder.decode(bytes(out[sent:len(out) - hold]))
+                        sent = len(out) - hold
+                        if text_piece:
+                            on_token(text_piece)
                 if len(completion) >= max_tokens:
                     break
         finally:
             gen.close()
         if on_token is not None:
-            rest = decoder.decode(b"", final=True)
+            rest = decoder.decode(bytes(out[sent:]), final=True)
             if rest:
                 on_token(rest)
         output = bytes(out)
-        assert output == llm.detokenize(completion, prev_tokens=prompt_tokens)
+        if not stops and output != llm.detokenize(completion, prev_tokens=prompt_tokens):
+            raise AemError(UNAVAILABLE, "llama.cpp detokenised the completion differently")
         return GenerationResult(
             text=output.decode("utf-8", errors="ignore"),
             output_bytes=output,
@@ -319,6 +458,22 @@ class LlamaExecutor:
             last_token_ns=last_ns,
             total_ns=time.perf_counter_ns() - t0,
         )
+
+    async def achat(
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        seed: int,
+        temperature_milli: int = 0,
+        on_token: Callable[[str], None] | None = None,
+        *,
+        limiter: trio.CapacityLimiter,
+        timeout_s: float,
+    ) -> GenerationResult:
+        """:meth:`chat` in a worker thread, with :meth:`agenerate`'s rules."""
+        return await self._in_thread(
+            lambda cancel: self.chat(messages, max_tokens, seed, temperature_milli, on_token,
+                                     cancel=cancel), limiter, timeout_s)
 
     async def agenerate(
         self,
@@ -339,15 +494,19 @@ class LlamaExecutor:
         the worker is told to stop at its next token; this returns (or raises) at
         once, and the next generation on this executor waits for the old one to
         finish its current token (the executor's lock)."""
+        return await self._in_thread(
+            lambda cancel: self.generate(prompt, max_tokens, seed, temperature_milli, on_token,
+                                         cancel=cancel), limiter, timeout_s)
+
+    async def _in_thread(self, fn: Callable[[threading.Event], GenerationResult],
+                         limiter: trio.CapacityLimiter, timeout_s: float) -> GenerationResult:
         if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
             raise AemError(BAD_VALUE, "timeout_s must be a positive number")
         cancel = threading.Event()
         try:
             with trio.fail_after(timeout_s):
                 result = await trio.to_thread.run_sync(
-                    lambda: self.generate(prompt, max_tokens, seed, temperature_milli,
-                                          on_token, cancel=cancel),
-                    limiter=limiter, abandon_on_cancel=True)
+                    lambda: fn(cancel), limiter=limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
             raise AemError(TIMEOUT, f"generation took longer than {timeout_s} s") from None
         finally:

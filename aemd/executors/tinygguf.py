@@ -102,11 +102,15 @@ def write_tiny_llama_gguf(
     n_vocab_pieces: int = 200,
     context_length: int = 512,
     dtype: str = "F32",
+    chat_template: str | None = None,
+    eos_token_id: int = 2,
 ) -> Path:
     """Write a llama GGUF with random weights to ``path`` (atomically) and return it.
 
     The vocabulary has ``3 + 256 + n_vocab_pieces`` tokens. ``n_embd`` must be a
-    multiple of ``n_head`` and, for Q8_0, ``n_embd`` and ``n_ff`` multiples of 32."""
+    multiple of ``n_head`` and, for Q8_0, ``n_embd`` and ``n_ff`` multiples of 32.
+    ``chat_template`` is written as ``tokenizer.chat_template`` when given;
+    ``eos_token_id`` may name another token as EOS (a test of stop strings)."""
     import numpy as np
     import gguf
     from gguf import GGMLQuantizationType, GGUFWriter, MODEL_TENSOR, TENSOR_NAMES, TokenType
@@ -167,9 +171,11 @@ def write_tiny_llama_gguf(
     w.add_token_types(types)
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_eos_token_id(eos_token_id)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def put(kind, array: np.ndarray, bid: int | None = None) -> None:
         name = TENSOR_NAMES[kind] + ".weight"
