@@ -18,6 +18,7 @@ import pytest
 from aemd.executors import TINY_MODEL, write_tiny_llama_gguf
 from aemd.identity import atomic_write
 from tests.nodekit import BIN, FAST_CONFIG, Mesh, wait_for
+from tests.test_tasks import add_expert, aemctl
 
 openai = pytest.importorskip("openai", reason="the openai client is installed by scripts/test.sh")
 
@@ -27,16 +28,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FRANCE = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "What is the capital of France?"}]
 
-
-def aemctl(home, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "aemctl"), *args, "--home", str(home.root)], capture_output=True,
-                          text=True, timeout=300)
-
-
-def add_expert(node, *args: str) -> str:
-    out = aemctl(node.home, "expert", "add", *args, "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["capsule_id"]
 
 
 def client(node, token: str = "unused") -> "openai.OpenAI":
