@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from aemd.api.settings import ApiSettings
+from protocol import errors
+from protocol.errors import AemError
 
 if TYPE_CHECKING:
     from aemd.node import Node
@@ -73,7 +75,8 @@ class ApiServer:
     async def serve(self) -> None:
         from hypercorn.config import Config
         from hypercorn.trio import serve
-        assert self._sock is not None
+        if self._sock is None:      # serve() runs once, after bind() succeeded
+            raise AemError(errors.INVARIANT, "the API socket is not bound, or already served")
         cfg = Config()
         cfg.bind = [f"fd://{self._sock.detach()}"]     # hypercorn owns the socket from here
         self._sock = None
