@@ -595,12 +595,14 @@ async def routable(node: "Node", ranked: list, now: int) -> list:
     is connected now or was connected or answered within the hostbook's
     window. The best-ranked hosts not known to be reachable are dialled first
     (at most ``MAX_PROBES``, in parallel, ``PROBE_TIMEOUT_S`` each); a failed
-    dial is a failure in the hostbook. A card is only a claim; a connection
+    dial is a failure in the hostbook. A host this node has banned is dropped. A card is only a claim; a connection
     is evidence that the key holder is at that address. Filtering comes
     before the cut, so any number of unreachable ads cannot push a reachable
     host out of the list.
     """
     book = node.hostbook
+    # A host this node has banned is no candidate: the dial would fail here anyway.
+    ranked = [(ad, c) for ad, c in ranked if not node.p2p.is_banned(p2p.peer_id_from_public(ad.host))]
     for host in {ad.host for ad, _ in ranked}:
         ago = node.p2p.seen_ago(p2p.peer_id_from_public(host))
         if ago is not None:                       # connected now, or until `ago` seconds ago

@@ -460,6 +460,12 @@ async def test_fake_hosts_are_never_tried_and_a_failed_host_is_skipped_at_once()
             usable = await tasks.routable(payer, ranked, now + 1)
         assert [ad.host for ad, _ in usable] == [honest_key.public]   # skipped at once, not first again
         assert all(payer.hostbook.failures(k.public) == 1 for k in fakes)   # not even dialled again
+        # A host this node banned is no candidate at all, whatever its record.
+        payer.hostbook.succeeded(stall_key.public, now + 2)
+        me.ban(p2p.peer_id_from_public(stall_key.public), 60, "test")
+        with trio.fail_after(WAIT):
+            usable = await tasks.routable(payer, ranked, now + 2)
+        assert [ad.host for ad, _ in usable] == [honest_key.public]
     # A host that takes the stream and never answers costs seconds, not a minute.
     small = len(task.encode()) + 2048
     assert tasks.accept_deadline(small) < 15
