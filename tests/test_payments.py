@@ -491,13 +491,13 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
     from aemd import control, p2p
     from aemd.executors import FIXTURE_TEST_COMMAND, fixture_patch
     from aemd.executors.fixtures import fixture_dir
-    from aemd.framing import read_frame, read_frame_or_eof, write_frame
+    from aemd.framing import read_frame_or_eof, write_frame
     from crypto.keys import SigningKey
     from protocol.mesh import HostAdvertisement, NodeCard
     from protocol.sync import (Frontier, Frontiers, RangeRequest, RangeResponse, decode_sync_message,
                                sync_protocol_id, topic)
-    from protocol.task import InferenceWorkReceipt
-    from protocol.taskwire import TaskRefused, TaskRequest, task_protocol_id
+    from protocol.taskwire import task_protocol_id
+    from tests import byzkit
     from tests.nodekit import BIN, Mesh
 
     grant = 1_000_000_000
@@ -509,17 +509,6 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
 
     def call(node, cmd, args=None):
         return trio.to_thread.run_sync(lambda: control.call(node.home.socket, cmd, args or {}))
-
-    async def refuse_then_claim(stream, peer: str) -> None:
-        req = TaskRequest.decode(await read_frame(stream, 64 << 20))
-        await write_frame(stream, TaskRefused(code="REFUSED", detail="busy").encode())
-        a, now = req.spend_auth, int(time.time())
-        r = InferenceWorkReceipt(net=net, host=thief.public, payer=a.payer, task_hash=a.task_hash,
-                                 capsule_id=req.capsule_id, spend_auth=a, charge=a.max_charge,
-                                 output_hash=H(b"nothing"), tokens_out=0, started_at=now, finished_at=now,
-                                 sig=b"").signed(thief)
-        if not stolen:
-            stolen.append(make_entry(thief, net, 0, b"", 0, now, r))
 
     async def serve_sync(stream, peer: str) -> None:
         while (frame := await read_frame_or_eof(stream, 1 << 20)) is not None:
@@ -546,7 +535,8 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
             while (await call(honest, "status"))["log_entries"] < 1:
                 await trio.sleep(0.2)
         async with p2p.open_p2p(thief.seed, ["/ip4/127.0.0.1/tcp/0"]) as evil:
-            evil.set_stream_handler(task_protocol_id(net), refuse_then_claim)
+            evil.set_stream_handler(task_protocol_id(net),
+                                    byzkit.refuse_then_claim(thief, net, lambda e: None, stolen))
             evil.set_stream_handler(sync_protocol_id(net), serve_sync)
             cards_t, ads_t = topic(net, "cards"), topic(net, "ads")
             subs = [await evil.subscribe(t) for t in (cards_t, ads_t)]
