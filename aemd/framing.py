@@ -212,7 +212,7 @@ async def read_frame_or_eof(stream: FrameStream, max_len: int) -> bytes | None:
         if policy is None:
             return await _read_exact(stream, length)
         limit = policy.frame_deadline(length)
-        with trio.move_on_after(limit) as scope:
+        with trio.move_on_after(limit):
             return await _read_exact(stream, length, policy)
         policy.abuse(f"frame of {length} bytes not delivered within {limit:.1f} s")
         raise AemError(TIMEOUT, f"frame of {length} bytes not delivered within {limit:.1f} s")

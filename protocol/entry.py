@@ -15,8 +15,7 @@ from protocol import errors
 from protocol.errors import AemError
 from protocol.mesh import ExpertCapsuleManifest
 from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
-from protocol.schema import (HASH, HASH_OR_EMPTY, KEY, SIG, TIME, Bytes, Signed, Str, UInt,
-                             WireObject, f)
+from protocol.schema import HASH, HASH_OR_EMPTY, KEY, SIG, TIME, Bytes, Signed, Str, UInt, f
 from protocol.task import InferenceWorkReceipt, ReceiptAck
 
 # kind -> the object class its body holds. One table, used by encoding,

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crypto import domains
-from protocol import canonical, errors
+from protocol import canonical
 from protocol.errors import AemError
 from protocol.genesis import CREDIT_BASES
-from protocol.schema import (AMOUNT, HASH, HASH_OR_EMPTY, KEY, NAME, NONCE, SIG, TEXT, TIME,
+from protocol.schema import (HASH, HASH_OR_EMPTY, KEY, NAME, NONCE, SIG, TEXT, TIME,
                              Bool, Bytes, ListOf, Obj, SInt, Signed, Str, UInt, WireObject, f)
 
 CONTRIBUTION_TYPES = ("knowledge", "skill", "data_shard", "eval", "curriculum", "operator")

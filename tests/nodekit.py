@@ -8,7 +8,6 @@ started, so a failing test leaves nothing behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

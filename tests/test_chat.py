@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from types import SimpleNamespace
 
 import llama_cpp

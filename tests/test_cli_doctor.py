@@ -11,7 +11,6 @@ from collections import namedtuple
 import pytest
 
 from aemd import ctl, doctor, gpu
-from aemd.doctor import Check
 from aemd.home import Home
 from aemd.identity import atomic_write
 from tests.nodekit import Mesh

@@ -9,7 +9,6 @@ started (for `aemd start` failures). The last test stops C."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aemd.capsules import LocalCapsule, Serving, remove_capsule, save_capsule
+from aemd.capsules import remove_capsule, save_capsule
 from aemd.executors import TINY_MODEL, write_tiny_llama_gguf
 from aemd.p2p import peer_id_from_public
 from crypto.keys import SigningKey

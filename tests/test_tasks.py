@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from aemd.executors import FIXTURE_TEST_COMMAND, TINY_MODEL, fixture_patch, write_tiny_llama_gguf
-from protocol.errors import AemError
 from tests.nodekit import BIN, Mesh, wait_for
 
 PROMPT = "Once upon a time"

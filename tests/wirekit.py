@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from crypto.hashing import H
 from crypto.keys import SigningKey
 from protocol.errors import AemError
-from protocol.schema import Bool, Bytes, ListOf, Obj, SInt, Signed, Str, UInt
+from protocol.schema import Bool, Bytes, ListOf, Obj, Signed, Str, UInt
 
 KEYS = [SigningKey.from_seed(bytes([i + 10]) * 32) for i in range(3)]
 BY_PUBLIC = {k.public: k for k in KEYS}
