@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from types import SimpleNamespace
 
 import llama_cpp
@@ -270,9 +271,13 @@ def test_chat_task_names_paris_through_the_mesh(chat_mesh):
 def test_empty_answer_is_not_charged(chat_mesh):
     mesh, _, _ = chat_mesh
     p, h, _ = mesh.nodes
-    # Earlier tasks' acks reach the host by sync: start from a settled log.
-    wait_for("the host to hold the payer's log",
-             lambda: h.call("ledger_replay")["entries"] == p.call("ledger_replay")["entries"], timeout=60)
+    # Earlier tasks' receipts and acks cross by sync: start from one settled log on both,
+    # the same root at one instant (equal counts alone can be the host's receipt against
+    # the payer's ack, each not yet at the other).
+    def settled():
+        as_of = {"as_of": int(time.time())}
+        return h.call("ledger_replay", as_of)["state_root"] == p.call("ledger_replay", as_of)["state_root"]
+    wait_for("the host and the payer to hold one log", settled, timeout=60)
     before = h.call("ledger_replay")       # the host's own log holds any receipt at once
     # SmolLM2 ends its turn at once on the bare question as a raw completion.
     out = aemctl(p.home, "submit-task", "--domain", "general", "--prompt", "What is the capital of France?",
