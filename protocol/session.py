@@ -10,8 +10,12 @@ in the simulator, so a spec vector that checks it checks the daemon.
 
 Actions:
 
-* :class:`Send` -- write one frame holding ``data`` (the session encodes);
-  the result is ``None``.
+* :class:`Send` -- write one frame holding ``data`` (the session encodes)
+  within ``timeout_s`` (None: the driver's own bound), ``what`` naming the
+  write in a timeout error; the result is ``None``. A failed write is the
+  driver's ``AemError`` and ends the session, unless ``best_effort``: then
+  a timeout or a broken stream is ignored and the session goes on (for a
+  courtesy such as a final "done", whose loss changes nothing).
 * :class:`Recv` -- read one frame of at most ``limit`` bytes within
   ``timeout_s``; the result is the frame's bytes, or ``None`` at a clean end
   of stream. A timeout, a reset or an oversized frame is the driver's
@@ -33,6 +37,9 @@ from typing import Any, Generator
 @dataclass(frozen=True, slots=True)
 class Send:
     data: bytes
+    timeout_s: float | None = None
+    what: str = "frame write"
+    best_effort: bool = False
 
 
 @dataclass(frozen=True, slots=True)
