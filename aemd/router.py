@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from protocol.mesh import HostAdvertisement, NodeCard
 from protocol.task import Candidate, TaskPacket
+from protocol.tasksession import KIND_FOR_TASK
 
-KIND_FOR_TASK = {"text": "gguf", "code_patch": "code_patch"}
 MAX_CANDIDATES = 16
 
 

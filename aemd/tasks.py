@@ -1,12 +1,19 @@
 """Tasks over the mesh: serving them (host side) and submitting them (payer
 side), on the task stream protocol of specs/task-protocol.md.
 
-Host: check the request (signatures, network, the authorisation made out to
-this host, price, expiry, the payer's replayed balance less what its tasks in
-progress here hold, the spend key unused, no dispute of this host by the
-payer) and reserve the price, in one step, before any work; run the capsule's
-executor off the event loop; stream output chunks; append the signed
-InferenceWorkReceipt to its own log; answer with the output and the receipt.
+The protocol's decisions live in the pure sessions of
+``protocol/tasksession.py`` (``host_session``, ``payer_session``); this
+module is their shell: it pumps their frames over a stream (:func:`drive`),
+answers their ``Call``\\s from the log, the clock and the executors, and keeps
+the metrics. The service sees the node only through :class:`TaskEnv`.
+
+Host: the session checks the request (signatures, network, the authorisation
+made out to this host, price, expiry, the payer's replayed balance less what
+its tasks in progress here hold, the spend key unused, no dispute of this
+host by the payer) and reserves the price, in one step, before any work; the
+shell runs the capsule's executor off the event loop and streams output
+chunks; the session signs the InferenceWorkReceipt, has it appended to the
+log, and answers with the output and the receipt.
 
 Payer: build and sign the TaskPacket and draw one spend key; rank hosts; try
 them in order, each with its own SpendAuthorization for that key (made out
@@ -25,7 +32,8 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -33,47 +41,184 @@ from aemd import p2p, router
 from aemd.capsules import LocalCapsule
 from aemd.cliutil import fmt_credits
 from aemd.control import Emit
-from aemd.framing import deadline, read_frame, write_frame
+from aemd.framing import deadline, write_frame
+from aemd.sessions import drive
 from crypto.hashing import H
 from protocol import errors
 from protocol.errors import AemError
 from protocol.entry import Entry
 from protocol.receipts import Dispute
-from protocol.taskwire import (MAX_CHUNK, MAX_OUTPUT, MAX_REPLY, TaskAccepted, TaskChunk, TaskFailed, TaskRefused,
-                               TaskRequest, TaskResult, decode_reply, task_protocol_id)
-from protocol.task import (MAX_MESSAGES, MAX_PROMPT, MAX_TOKENS, Attempt, ChatMessage, InferenceWorkReceipt, ReceiptAck,
-                           RouteTrace, SpendAuthorization, TaskPacket, UTF8_TAIL_TOKENS)
-
-if TYPE_CHECKING:
-    from aemd.node import Node
+from protocol.taskwire import MAX_CHUNK, TaskChunk, TaskRequest, TaskResult, task_protocol_id
+from protocol.task import (MAX_MESSAGES, MAX_PROMPT, Attempt, ChatMessage, InferenceWorkReceipt, ReceiptAck,
+                           RouteTrace, SpendAuthorization, TaskPacket)
+from protocol.tasksession import (ACCEPT_BASE_S, ACCEPT_MIN_BYTES_PER_S, CHUNK_SLACK, CODE_PATCH_CHUNKS,  # noqa: F401
+                                  MAX_FORWARDED_CHUNKS, MAX_TOKEN_BYTES, REQUEST_READ_TIMEOUT_S, AdmissionFacts,
+                                  HostOutcome, Offer, PayerGone, Ran, RunFailed, accept_deadline, admit,
+                                  check_result, host_session, output_bound, payer_session, to_dispute)
 
 log = logging.getLogger("aemd.tasks")
 
 SPEND_AUTH_TTL_S = 600          # a task must start within this; settlement waits for it too
-REQUEST_READ_TIMEOUT_S = 30
-ACCEPT_BASE_S = 10              # write the request, admission checks, the answer
-ACCEPT_MIN_BYTES_PER_S = 128 * 1024   # a request's transfer at no less than ~1 Mbit/s
 PROBE_TIMEOUT_S = 5             # dialling a host nobody has reached yet
 MAX_PROBES = 16              # dials per task to hosts not yet reached (parallel)
 MAX_ATTEMPTS = 8
 CHUNK_GATHER_S = 0.03
-# Payer-side bounds on what a host may stream for one task (specs/task-protocol.md §3).
-MAX_TOKEN_BYTES = 256           # bytes of chunk data per token the task allows
-CHUNK_SLACK = 16                # chunks beyond one per token (a host may flush a partial frame)
-CODE_PATCH_CHUNKS = 64          # a code-patch report is 1 MiB at most, 16 KiB a chunk
-MAX_FORWARDED_CHUNKS = 4096     # chunk events passed to the control client per task
 # Payer-side disputes (specs/task-protocol.md §3 step 7).
 MAX_DISPUTE_QUEUE = 1024        # receipts waiting to be judged; more are dropped (and logged)
 MAX_REMEMBERED_TASKS = 10_000   # finished tasks whose accepted receipt the node keeps in memory
 
 
+class TaskNet(Protocol):
+    """The part of the node's libp2p host the task service uses."""
+    config: Any                                   # .max_streams_per_peer
+
+    def set_stream_handler(self, proto: str, handler: Callable, max_concurrent: int = ...) -> None: ...
+    def stream(self, peer: str, proto: str) -> Any: ...   # async context manager -> a frame stream
+    async def connect(self, addr: str) -> Any: ...
+    def is_connected(self, peer: str) -> bool: ...
+    def is_banned(self, peer: str) -> bool: ...
+    def seen_ago(self, peer: str) -> float | None: ...
+
+
+class TaskEnv(Protocol):
+    """Exactly what the task service needs of its node (built from the node by
+    ``aemd.services.node_env``): its key and network, the clock, the log
+    (replay to read, append to write, an insert hook to watch), its capsules,
+    the mesh's tables and the hostbook (routing), its host, load reporting and
+    metrics. Anything with these members can run the service."""
+    key: Any
+    net: bytes
+    challenge_window: int
+    capsules: list
+    capacity: dict                                # the operator's capacity settings
+    metrics: Any
+    mesh: Any                                     # .ads, .cards
+    hostbook: Any
+    p2p: TaskNet
+    traces_path: Path
+
+    def now(self) -> int: ...
+    async def ledger(self, now: int) -> Any: ...  # the replay at ``now``
+    async def append(self, obj: Any) -> Any: ...
+    def set_load(self, percent: int) -> None: ...
+    def set_insert_hook(self, hook: Callable[[list[bytes]], None]) -> None: ...
+    def gpu_layers_for(self, cap: LocalCapsule) -> int: ...
+
+
+class _HostCalls:
+    """The host session's ``Call`` ops for one task stream (protocol/tasksession.py)."""
+
+    def __init__(self, svc: "TaskService", stream) -> None:
+        self.svc, self.stream = svc, stream
+        self.cap: LocalCapsule | None = None
+        self.locked = False                        # the admission lock is held (admission .. reserve)
+        self.reservation: tuple[bytes, bytes, int] | None = None
+        self.admitted = self.running = False
+        self.t0 = time.monotonic()
+
+    async def now(self) -> int:
+        return self.svc.env.now()
+
+    async def capsule(self, capsule_id: bytes) -> Offer | None:
+        self.cap = next((c for c in self.svc.env.capsules if c.id == capsule_id), None)
+        if self.cap is None:
+            return None
+        return Offer(domain=self.cap.manifest.domain, kind=self.cap.manifest.kind, price=self.cap.serving.price)
+
+    async def admission(self, payer: bytes, spend_key: bytes) -> AdmissionFacts:
+        # One admission at a time, from the replay to the reservation: two
+        # requests arriving together can never both pass on the same funds or
+        # the same spend key (specs/task-protocol.md §2). Held until reserve/refused.
+        svc = self.svc
+        await svc._admission.acquire()
+        self.locked = True
+        ledger = await svc.env.ledger(svc.env.now())
+        me = svc.env.key.public
+        return AdmissionFacts(in_flight=spend_key in svc._in_flight,
+                              charged=ledger.spend_key_blocks(payer, spend_key, me),
+                              disputed=ledger.disputes(payer, me), available=ledger.available(payer),
+                              reserved=svc._reserved.get(payer, 0))
+
+    def unlock(self) -> None:
+        if self.locked:
+            self.locked = False
+            self.svc._admission.release()
+
+    async def reserve(self, payer: bytes, spend_key: bytes, price: int) -> None:
+        svc = self.svc
+        svc._in_flight.add(spend_key)
+        svc._reserved[payer] = svc._reserved.get(payer, 0) + price
+        self.reservation = (payer, spend_key, price)
+        self.admitted = True
+        self.unlock()
+
+    async def refused(self, code: str, detail: str) -> None:
+        self.unlock()
+        if self.stream is not None:
+            self.svc.env.metrics.tasks_refused.inc()
+
+    async def execute(self, capsule_id: bytes, task: TaskPacket) -> Ran | RunFailed | PayerGone:
+        svc, cap = self.svc, self.cap
+        self.task = task
+        svc.running += 1
+        self.running = True
+        svc._report_load(cap)
+        try:
+            if task.kind == "text":
+                await svc._executor(cap)      # a first task's model load is not its tokens/s
+            self.t0 = time.monotonic()
+            output, tokens = await svc._execute(cap, task, self.stream)
+            return Ran(output=output, tokens=tokens)
+        except Exception as exc:          # a failed capsule must not look like a dead host
+            return _failure(task, exc)
+
+    async def failed(self, code: str, detail: str) -> None:
+        log.warning("task %s  domain %s  failed: %s: %s", self.task.id.hex()[:16], self.task.domain, code, detail)
+        self.svc.env.metrics.tasks_failed.inc()
+
+    async def append_receipt(self, receipt: InferenceWorkReceipt) -> None:
+        await self.svc.env.append(receipt)
+        await self.release()           # the replay holds the charge from now on
+
+    async def release(self) -> None:
+        if self.reservation is not None:
+            payer, key, price = self.reservation
+            self.reservation = None
+            await self.svc._release(payer, key, price)
+
+
+def _failure(task: TaskPacket, exc: Exception) -> RunFailed | PayerGone:
+    """Why accepted work failed, for task_failed (no receipt, no charge), so
+    the payer reads the host's reason rather than a closed stream."""
+    transport = (trio.BrokenResourceError, trio.ClosedResourceError, AemError)
+    if isinstance(exc, AemError):
+        return RunFailed(exc.code, exc.detail)
+    if isinstance(exc, BaseExceptionGroup) and all(isinstance(e, transport) for e in _leaves(exc)):
+        # Only the stream failed (the executor's own errors are raised outside
+        # the output nursery): the payer went away, there is no one to tell.
+        log.info("task %s  domain %s: the payer went away", task.id.hex()[:16], task.domain)
+        return PayerGone()
+    log.error("task %s: the executor failed", task.id.hex()[:16], exc_info=exc)
+    return RunFailed(errors.UNAVAILABLE, f"the host's executor failed ({type(exc).__name__})")
+
+
+class _PayerCalls:
+    """The payer session's ``Call`` ops: streamed output goes to the control client."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+
+    async def chunk(self, data: bytes) -> None:
+        await self.emit({"event": "chunk", "data": data})
+
+
 class TaskService:
     """Everything task-related a node holds: executors, limits, traces."""
 
-    def __init__(self, node: "Node", cfg: dict) -> None:
-        self.node = node
+    def __init__(self, env: TaskEnv, cfg: dict) -> None:
+        self.env = env
         self.cfg = cfg
-        self.proto = task_protocol_id(node.net)
+        self.proto = task_protocol_id(env.net)
         self._executors: dict[bytes, Any] = {}
         self._load_lock = trio.Lock()
         self._limiters: dict[bytes, trio.CapacityLimiter] = {}
@@ -93,13 +238,14 @@ class TaskService:
         self._disputes_in, self._disputes_out = trio.open_memory_channel[InferenceWorkReceipt](MAX_DISPUTE_QUEUE)
         self.running = 0
         from aemd.traces import TraceStore
-        self.traces = TraceStore(node.home.root / "traces.sqlite")
+        self.traces = TraceStore(env.traces_path)
 
     # -- wiring ---------------------------------------------------------------
 
-    def start(self, node: "Node", nursery: trio.Nursery) -> None:
-        node.p2p.set_stream_handler(self.proto, self.serve, max_concurrent=64)
-        node.store.on_insert = self.note_entries
+    def start(self, _node: Any, nursery: trio.Nursery) -> None:
+        """The node's extension hook (its host and store exist from here on)."""
+        self.env.p2p.set_stream_handler(self.proto, self.serve, max_concurrent=64)
+        self.env.set_insert_hook(self.note_entries)
         nursery.start_soon(self._dispute_loop)
 
     def close(self) -> None:
@@ -113,113 +259,44 @@ class TaskService:
     # -- host side --------------------------------------------------------------
 
     async def serve(self, stream, peer: str) -> None:
-        with deadline(REQUEST_READ_TIMEOUT_S, "task request"):
-            req = TaskRequest.decode(await read_frame(stream, TaskRequest.MAX_SIZE))
+        """One task stream: the host session (protocol/tasksession.py) driven on it."""
+        calls = _HostCalls(self, stream)
         try:
-            cap, price = await self._admit(req)
+            out: HostOutcome = await drive(host_session(self.env.net, self.env.key), stream, calls)
         except AemError as exc:
-            await write_frame(stream, TaskRefused(code=exc.code, detail=exc.detail[:200]).encode())
-            self.node.metrics.tasks_refused.inc()
+            if not calls.admitted:
+                raise                  # before any work: the stream's own error (size, time, reset)
+            log.info("task stream from %s ended: %s: %s", peer, exc.code, exc.detail)
             return
-        key, payer = req.spend_auth.spend_key, req.task.payer
-        reserved = True        # _admit reserved the price and the spend key
-        self.running += 1
-        self.node.load = min(100, 100 * self.running // max(1, cap.serving.max_concurrency))
-        try:
-            await write_frame(stream, TaskAccepted(price=price).encode())
-            started = self.node.now()
-            try:
-                if req.task.kind == "text":
-                    await self._executor(cap)      # a first task's model load is not its tokens/s
-                t0 = time.monotonic()
-                output, tokens = await self._execute(cap, req.task, stream)
-                if req.task.kind == "text" and not output:
-                    # Nothing to deliver, so nothing to charge (specs/task-protocol.md §6).
-                    raise AemError(errors.UNAVAILABLE, "the model produced no output (0 tokens); "
-                                                       "nothing is charged")
-            except Exception as exc:          # a failed capsule must not look like a dead host
-                await self._fail(stream, req.task, exc)
-                return
-            receipt = InferenceWorkReceipt(
-                net=self.node.net, host=self.node.key.public, payer=req.task.payer,
-                task_hash=req.task.id, capsule_id=cap.id, spend_auth=req.spend_auth, charge=price,
-                output_hash=H(output), tokens_out=tokens, started_at=started,
-                finished_at=max(started, self.node.now()), sig=b"").signed(self.node.key)
-            # Log first: once the payer holds the receipt, the charge is on record.
-            await self.node.append(receipt)
-            await self._release(payer, key, price)   # the replay holds the charge from now on
-            reserved = False
-            await write_frame(stream, TaskResult(output=output, tokens_out=tokens, receipt=receipt).encode())
-            self.node.metrics.task_served(tokens, price)
-            secs = max(1e-6, time.monotonic() - t0)
-            log.info("served task %s  domain %s  %d tokens in %.2f s (%.1f tokens/s)  price %s",
-                     req.task.id.hex()[:16], req.task.domain, tokens, secs, tokens / secs, fmt_credits(price))
         finally:
-            if reserved:
-                await self._release(payer, key, price)
-            self.running -= 1
-            self.node.load = min(100, 100 * self.running // max(1, cap.serving.max_concurrency))
+            calls.unlock()
+            await calls.release()
+            if calls.running:
+                self.running -= 1
+                self._report_load(calls.cap)
+        if out.status == "served":
+            self.env.metrics.task_served(out.tokens, out.price)
+            secs = max(1e-6, time.monotonic() - calls.t0)
+            task = calls.task
+            log.info("served task %s  domain %s  %d tokens in %.2f s (%.1f tokens/s)  price %s",
+                     task.id.hex()[:16], task.domain, out.tokens, secs, out.tokens / secs, fmt_credits(out.price))
 
-    async def _fail(self, stream, task: TaskPacket, exc: Exception) -> None:
-        """Tell the payer why accepted work failed (task_failed: no receipt, no
-        charge), so it reads the host's reason rather than a closed stream."""
-        transport = (trio.BrokenResourceError, trio.ClosedResourceError, AemError)
-        if isinstance(exc, AemError):
-            code, detail = exc.code, exc.detail
-        elif isinstance(exc, BaseExceptionGroup) and all(isinstance(e, transport) for e in _leaves(exc)):
-            # Only the stream failed (the executor's own errors are raised outside
-            # the output nursery): the payer went away, there is no one to tell.
-            log.info("task %s  domain %s: the payer went away", task.id.hex()[:16], task.domain)
-            return
-        else:
-            log.error("task %s: the executor failed", task.id.hex()[:16], exc_info=exc)
-            code, detail = errors.UNAVAILABLE, f"the host's executor failed ({type(exc).__name__})"
-        log.warning("task %s  domain %s  failed: %s: %s", task.id.hex()[:16], task.domain, code, detail)
-        self.node.metrics.tasks_failed.inc()
-        try:
-            await write_frame(stream, TaskFailed(code=code[:32], detail=detail[:200]).encode())
-        except (AemError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass                              # the payer is gone; there is no one to tell
+    def _report_load(self, cap: LocalCapsule | None) -> None:
+        if cap is not None:
+            self.env.set_load(min(100, 100 * self.running // max(1, cap.serving.max_concurrency)))
 
     async def _admit(self, req: TaskRequest) -> tuple[LocalCapsule, int]:
-        """Every check that can refuse a task, before any work is done; on
-        success the task's price is reserved against the payer's balance and
-        its spend key marked in progress, until :meth:`_release`."""
-        node, task, auth = self.node, req.task, req.spend_auth
-        now = node.now()
-        task.verify(node.net)
-        auth.verify(node.net, now=now)
-        if auth.host != node.key.public:
-            raise AemError(errors.REFUSED, "the spend authorisation is made out to another host")
-        cap = next((c for c in node.capsules if c.id == req.capsule_id), None)
-        if cap is None:
-            raise AemError(errors.NOT_FOUND, "this node does not host that capsule")
-        if cap.manifest.domain != task.domain or router.KIND_FOR_TASK[task.kind] != cap.manifest.kind:
-            raise AemError(errors.REFUSED, "the capsule does not serve this kind of task")
-        price = cap.serving.price
-        if price > auth.max_charge or price > task.max_price:
-            raise AemError(errors.REFUSED, f"price {fmt_credits(price)} exceeds what the payer authorised")
-        # One admission at a time, from the replay to the reservation: two
-        # requests arriving together can never both pass on the same funds or
-        # the same spend key (specs/task-protocol.md §2).
-        async with self._admission:
-            if auth.spend_key in self._in_flight:
-                raise AemError(errors.REFUSED, "this spend key is already being worked on here")
-            ledger = await node.store.ledger(now)
-            if ledger.spend_key_blocks(task.payer, auth.spend_key, node.key.public):
-                raise AemError(errors.REFUSED, "this spend key has already been charged")
-            disputed = ledger.disputes(task.payer, node.key.public)
-            if disputed:
-                raise AemError(errors.REFUSED, f"this payer disputed {disputed} of this host's receipts")
-            reserved = self._reserved.get(task.payer, 0)
-            funds = ledger.available(task.payer) - reserved
-            if funds < price:
-                held = f" ({fmt_credits(reserved)} held by its tasks in progress here)" if reserved else ""
-                raise AemError(errors.REFUSED, f"the payer has {fmt_credits(max(0, funds))} credits available"
-                                               f"{held}, the task costs {fmt_credits(price)}")
-            self._in_flight.add(auth.spend_key)
-            self._reserved[task.payer] = reserved + price
-        return cap, price
+        """The host session's admission step (``protocol.tasksession.admit``)
+        alone, with this service's answers: on success the task's price is
+        reserved against the payer's balance and its spend key marked in
+        progress, until :meth:`_release`."""
+        calls = _HostCalls(self, None)
+        session = admit(self.env.net, self.env.key.public, req, self.env.now())
+        try:
+            price = await drive(session, None, calls)
+        finally:
+            calls.unlock()
+        return calls.cap, price
 
     async def _release(self, payer: bytes, spend_key: bytes, price: int) -> None:
         """End a reservation: the receipt is logged (the replay now holds the
@@ -247,7 +324,7 @@ class TaskService:
                 t0 = time.monotonic()
                 ex = await trio.to_thread.run_sync(lambda: LlamaExecutor(
                     cap.serving.path, n_ctx=lc["n_ctx"], n_threads=lc["n_threads"] or None,
-                    n_gpu_layers=self.node.gpu_layers_for(cap)))   # "auto" resolved, what runs recorded
+                    n_gpu_layers=self.env.gpu_layers_for(cap)))   # "auto" resolved, what runs recorded
                 log.info("model %s loaded in %.1f s%s", m.name, time.monotonic() - t0,
                          "" if ex.chat_template else " (no chat template: raw prompts only)")
                 self._executors[cap.id] = ex
@@ -267,7 +344,7 @@ class TaskService:
         need = cap.manifest.vram_need_mb
         if cap.manifest.kind == "gguf" and need > 0:
             from aemd.executors import concurrency_from_memory
-            capacity = self.node.opts.capacity
+            capacity = self.env.capacity
             on_gpu = self.cfg["llama"]["n_gpu_layers"] != 0 and capacity.get("vram_mb", 0) > 0
             envelope = capacity.get("vram_mb", 0) if on_gpu else (capacity.get("ram_mb") or _ram_mb())
             n = min(n, concurrency_from_memory(int(envelope), int(need)))
@@ -336,19 +413,19 @@ class TaskService:
     # -- payer side ---------------------------------------------------------------
 
     async def submit(self, args: dict, emit: Emit) -> dict:
-        node = self.node
+        node = self.env
         task = build_task(node, args)
         now = node.now()
         # One spend key for the task; each host tried gets its own authorisation
         # for it (made out to that host, at its price), so only the host that
         # did the work can charge, and the ledger charges the key once.
         spend_key = os.urandom(32)
-        ledger = await node.store.ledger(now)
+        ledger = await node.ledger(now)
         reputation = {h: router.Reputation(settled=s, challenged=v)
                       for h, (s, v) in ledger.receipt_record().items()}
         ranked = router.rank(list(node.mesh.ads.values()), task, cards=node.mesh.cards,
                              reputation=reputation, self_key=node.key.public, now=now,
-                             locality=str(node.opts.capacity.get("locality", "")), limit=None)
+                             locality=str(node.capacity.get("locality", "")), limit=None)
         node.hostbook.note_receipts({h: s for h, (s, _v) in ledger.receipt_record().items()})
         ranked = await routable(node, ranked, now)   # reachable and not backing off (hostbook)
         if not ranked:
@@ -390,7 +467,7 @@ class TaskService:
                            receipt_id=receipt.id if receipt else b"", created_at=node.now(),
                            sig=b"").signed(node.key)
         await trio.to_thread.run_sync(self.traces.put, trace)
-        self.node.metrics.tasks_routed.labels(outcome).inc()
+        self.env.metrics.tasks_routed.labels(outcome).inc()
         if receipt is None:
             last = attempts[-1] if attempts else None
             why = f" (last: {last.outcome.upper()}: {last.detail})" if last is not None else ""
@@ -414,12 +491,12 @@ class TaskService:
 
     def authorise(self, task: TaskPacket, spend_key: bytes, host: bytes, price: int) -> SpendAuthorization:
         """The authorisation for one host: only it may charge, at most its price."""
-        return SpendAuthorization(net=self.node.net, payer=self.node.key.public, host=host,
+        return SpendAuthorization(net=self.env.net, payer=self.env.key.public, host=host,
                                   spend_key=spend_key, task_hash=task.id, max_charge=price,
-                                  expires_at=self.node.now() + SPEND_AUTH_TTL_S, sig=b"").signed(self.node.key)
+                                  expires_at=self.env.now() + SPEND_AUTH_TTL_S, sig=b"").signed(self.env.key)
 
     async def _attempt(self, ad, cand, task: TaskPacket, spend_key: bytes, emit: Emit) -> TaskResult:
-        node = self.node
+        node = self.env
         auth = self.authorise(task, spend_key, ad.host, cand.price)
         peer = p2p.peer_id_from_public(ad.host)
         if not node.p2p.is_connected(peer):
@@ -432,48 +509,21 @@ class TaskService:
                     except AemError:
                         continue
         budget = self._budget(task)
-        max_bytes, max_chunks = output_bound(task)
+        request = TaskRequest(capsule_id=ad.capsule_id, task=task, spend_auth=auth)
+        # The payer session bounds each step: acceptance within seconds (a host
+        # that takes the stream and never answers fails fast), the stream by
+        # what the task allows; the task's budget bounds the whole attempt.
         with deadline(budget, "task"):
             async with self._host_slot(peer), node.p2p.stream(peer, self.proto) as stream:
-                request = TaskRequest(capsule_id=ad.capsule_id, task=task, spend_auth=auth).encode()
-                # Admission is quick checks; only the request's transfer grows with the task.
-                # A host that takes the stream and never answers fails in seconds, not minutes.
-                with deadline(accept_deadline(len(request)), "task acceptance"):
-                    await write_frame(stream, request)
-                    first = decode_reply(await read_frame(stream, MAX_REPLY))
-                if isinstance(first, TaskRefused):
-                    raise AemError(first.code if first.code else errors.REFUSED, first.detail)
-                if not isinstance(first, TaskAccepted):
-                    raise AemError(errors.WRONG_OBJECT, "host did not accept or refuse")
-                if first.price > auth.max_charge:
-                    raise AemError(errors.REFUSED, f"host accepted at {fmt_credits(first.price)}, more than "
-                                                   f"its authorised {fmt_credits(auth.max_charge)}")
-                chunks = nbytes = 0
-                while True:
-                    msg = decode_reply(await read_frame(stream, MAX_REPLY))
-                    if isinstance(msg, TaskChunk):
-                        chunks += 1
-                        nbytes += len(msg.data)
-                        if chunks > max_chunks or nbytes > max_bytes:
-                            # A host streaming without end gets cut off, not read for minutes.
-                            raise AemError(errors.TOO_LARGE, f"host streamed more than the task allows "
-                                                             f"({max_chunks} chunks, {max_bytes} bytes)")
-                        if chunks <= MAX_FORWARDED_CHUNKS:
-                            await emit({"event": "chunk", "data": msg.data})
-                        continue
-                    if isinstance(msg, TaskFailed):       # the host's own reason; nothing charged
-                        raise AemError(msg.code or errors.UNAVAILABLE, msg.detail)
-                    if isinstance(msg, TaskResult):
-                        check_result(msg, node.net, ad.host, task, auth, accepted_price=first.price)
-                        return msg
-                    raise AemError(errors.WRONG_OBJECT, f"unexpected {msg.TYPE} from the host")
-
+                # A host that stops reading the request fails within the acceptance deadline too.
+                return await drive(payer_session(node.net, request, budget), stream, _PayerCalls(emit),
+                                   send_limit=lambda n: (accept_deadline(n), "task acceptance"))
 
     @asynccontextmanager
     async def _host_slot(self, peer: str):
         slot = self._host_slots.get(peer)
         if slot is None:
-            slot = self._host_slots[peer] = [trio.Semaphore(self.node.p2p.config.max_streams_per_peer), 0]
+            slot = self._host_slots[peer] = [trio.Semaphore(self.env.p2p.config.max_streams_per_peer), 0]
         slot[1] += 1
         try:
             async with slot[0]:
@@ -488,7 +538,7 @@ class TaskService:
     def note_entries(self, datas: list[bytes]) -> None:
         """The store's insert hook: pick out receipts that charge this node.
         Cheap (a byte search before any decoding); judged in _dispute_loop."""
-        me = self.node.key.public
+        me = self.env.key.public
         for data in datas:
             if b"inference_receipt" not in data:
                 continue
@@ -520,9 +570,8 @@ class TaskService:
         self._done[spend_key] = accepted
         while len(self._done) > MAX_REMEMBERED_TASKS:
             self._done.pop(next(iter(self._done)))
-        for r in (waiting[1] if waiting else ()):
-            if r.id != accepted:
-                self._queue_dispute(r)
+        for r in to_dispute(list(waiting[1]) if waiting else [], accepted):
+            self._queue_dispute(r)
 
     def _queue_dispute(self, r: InferenceWorkReceipt) -> None:
         try:
@@ -551,14 +600,14 @@ class TaskService:
         """Log a dispute of a receipt charging this node for work it never
         accepted, if the ledger will take it: a valid receipt, not
         acknowledged, not yet disputed, inside its challenge window."""
-        node = self.node
+        node = self.env
         me, now = node.key.public, node.now()
         if r.payer != me or self._done.get(r.spend_auth.spend_key) == r.id:
             return False
         r.verify(node.net)
-        if now >= max(r.finished_at, r.spend_auth.expires_at) + node.genesis.challenge_window:
+        if now >= max(r.finished_at, r.spend_auth.expires_at) + node.challenge_window:
             return False                          # the window is over: the ledger would refuse it
-        ledger = await node.store.ledger(now)
+        ledger = await node.ledger(now)
         if ledger.acknowledged(r.id, me) or ledger.challenged(r.id):
             return False
         try:
@@ -579,12 +628,7 @@ class TaskService:
         return True
 
 
-def accept_deadline(request_bytes: int) -> float:
-    """Seconds a host has to accept or refuse a task request of this size."""
-    return ACCEPT_BASE_S + request_bytes / ACCEPT_MIN_BYTES_PER_S
-
-
-async def routable(node: "Node", ranked: list, now: int) -> list:
+async def routable(node: TaskEnv, ranked: list, now: int) -> list:
     """The ranked (ad, candidate) pairs a task may be tried on, in rank order,
     at most ``router.MAX_CANDIDATES``; ``ranked`` is the router's uncut list.
 
@@ -648,7 +692,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def no_host_detail(node: "Node", task: TaskPacket, now: int) -> str:
+def no_host_detail(node: TaskEnv, task: TaskPacket, now: int) -> str:
     """Why no host qualifies, in credits: when hosts serve the task but all ask
     more than the task's max price, name the cheapest ask."""
     what = f"no host in the mesh serves {task.kind} tasks in domain {task.domain!r}"
@@ -663,34 +707,6 @@ def no_host_detail(node: "Node", task: TaskPacket, now: int) -> str:
 
 def _ram_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
-
-
-def check_result(res: TaskResult, net: bytes, host: bytes, task: TaskPacket, auth: SpendAuthorization,
-                 accepted_price: int) -> None:
-    """A result is only accepted with a receipt that proves what it claims,
-    charging no more than the price the host accepted the task at. A result
-    refused here is never acknowledged (specs/task-protocol.md §3)."""
-    r = res.receipt
-    r.verify(net)
-    if r.host != host or r.task_hash != task.id or r.spend_auth != auth:
-        raise AemError(errors.BAD_VALUE, "receipt is for another host, task or authorisation")
-    if r.output_hash != H(res.output):
-        raise AemError(errors.BAD_VALUE, "receipt does not match the output")
-    if r.charge > auth.max_charge or r.charge > accepted_price:
-        raise AemError(errors.BAD_VALUE, f"receipt charges {fmt_credits(r.charge)}, the host accepted the task "
-                                         f"at {fmt_credits(accepted_price)}")
-    if task.kind == "text" and max(res.tokens_out, r.tokens_out) > (task.max_tokens or MAX_TOKENS) + UTF8_TAIL_TOKENS:
-        raise AemError(errors.BAD_VALUE, "the host reports more tokens than the task allows")
-
-
-def output_bound(task: TaskPacket) -> tuple[int, int]:
-    """(bytes, chunks) of streamed output a host may send for ``task``: the
-    task's own max_tokens for a text task, the protocol's output limit for
-    either kind (specs/task-protocol.md §3)."""
-    if task.kind == "text":
-        tokens = task.max_tokens or MAX_TOKENS
-        return min(MAX_TOKEN_BYTES * tokens, MAX_OUTPUT), tokens + CHUNK_SLACK
-    return MAX_OUTPUT, CODE_PATCH_CHUNKS
 
 
 def report_bytes(report) -> bytes:
@@ -733,7 +749,7 @@ def _messages(v: Any) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def build_task(node: "Node", args: dict) -> TaskPacket:
+def build_task(node: TaskEnv, args: dict) -> TaskPacket:
     """A signed TaskPacket from control-socket arguments. Every argument is
     checked for type here (AemError, never a TypeError), values by the schema.
 
