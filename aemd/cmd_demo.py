@@ -188,15 +188,15 @@ async def run_demo(homes: list[Home], genesis: Genesis, question: str, keep_runn
 
         async def agreed() -> bool:
             counts = {await n.store.count() for n in nodes}
-            roots = {(await n.store.replay(n.now()))["state_root"] for n in nodes}
+            roots = {(await n.store.replay(n.now())).state_root for n in nodes}
             return len(counts) == 1 and len(roots) == 1 and counts.pop() >= 4
         await _wait("every node agreeing on the ledger", agreed)
         replay = await payer.store.replay(payer.now())
-        print(f"every node replays the same ledger: state root {replay['state_root'][:32]}")
+        print(f"every node replays the same ledger: state root {replay.state_root.hex()[:32]}")
         print(f"  {'node':4}  {'available':>14}  {'pending':>10}")
         for i, node in enumerate(nodes):
-            b = replay["balances"].get(node.key.public.hex(), {"available": 0, "pending": 0})
-            print(f"  n{i:<3}  {fmt_credits(b['available']):>14}  {fmt_credits(b['pending']):>10}")
+            available, pending = replay.balances.get(node.key.public, (0, 0))
+            print(f"  n{i:<3}  {fmt_credits(available):>14}  {fmt_credits(pending):>10}")
         print(f"(hosts are paid when the challenge window closes: {genesis.challenge_window} s after the "
               "payer's authorisation expires)")
         summary = {"text": text, "code": code, "report": report, "replay": replay}

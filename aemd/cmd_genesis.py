@@ -10,8 +10,8 @@ from pathlib import Path
 from aemd.cliutil import add_home, add_json, fmt_credits, print_json
 from aemd.home import Home, read_passphrase, resolve_home
 from aemd.identity import atomic_write, read_genesis_file
+from aemd.keyfile import read_keystore, write_keystore
 from crypto.keys import SigningKey, is_valid_public
-from crypto.keystore import read_keystore, write_keystore
 from protocol import errors
 from protocol.errors import AemError
 from protocol.genesis import CREDIT_BASES, DEFAULT_LIMITS, Genesis, Grant, MintRate

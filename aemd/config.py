@@ -4,59 +4,133 @@
 ``<home>/config.toml``. Loading fills missing keys from :data:`DEFAULTS` and
 refuses unknown sections or keys and wrongly typed values with a CONFIG error
 that names the key, so a typo never silently does nothing.
+
+:func:`load_config` returns a :class:`Config`: a frozen tree of dataclasses,
+one per section (``cfg.llama.n_ctx``). Each also reads as a mapping
+(``cfg["llama"]["n_ctx"]``, ``dict(cfg.capacity)``) for the callers written
+against the dicts this used to return, and compares equal to the same dict.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol import errors
 from protocol.errors import AemError
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "node": {
-        "listen": ["/ip4/0.0.0.0/tcp/4001"],
-        "bootstrap": [],
-        "mdns": False,
-        "log_level": "info",
-    },
-    "capacity": {
-        "gpu": "",
-        "vram_mb": 0,
-        "ram_mb": 0,
-        "locality": "",
-    },
-    "gossip": {
-        "card_interval_s": 60,
-        "card_ttl_s": 300,
-        "max_invalid_per_peer": 20,
-    },
-    "sync": {
-        "interval_s": 30,
-        "batch": 512,
-    },
-    "llama": {
-        "n_ctx": 2048,
-        "n_threads": 0,
-        "n_gpu_layers": 0,
-        "max_tokens": 512,
-        "task_timeout_s": 300,
-    },
-    "codepatch": {
-        "timeout_s": 60,
-        "memory_mb": 1024,
-        "max_procs": 64,
-    },
-    "api": {
-        "enabled": True,
-        "listen": "127.0.0.1:8411",
-        "token": "",
-        "max_price": "1",
-    },
-}
+
+class _Section(Mapping):
+    """Read-only mapping view of a frozen dataclass's fields (eq as a mapping)."""
+
+    def __getitem__(self, key: str) -> Any:
+        if not isinstance(key, str) or key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dicts and lists, the shape of the TOML file."""
+        out: dict[str, Any] = {}
+        for name in self._names():
+            v = getattr(self, name)
+            out[name] = v.as_dict() if isinstance(v, _Section) else list(v) if isinstance(v, tuple) else v
+        return out
+
+
+# eq=False: equality is the mapping's (a section equals the dict of its keys).
+@dataclass(frozen=True, eq=False)
+class NodeConfig(_Section):
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = False
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, eq=False)
+class CapacityConfig(_Section):
+    gpu: str = ""
+    vram_mb: int = 0
+    ram_mb: int = 0
+    locality: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class GossipConfig(_Section):
+    card_interval_s: int = 60
+    card_ttl_s: int = 300
+    max_invalid_per_peer: int = 20
+
+
+@dataclass(frozen=True, eq=False)
+class SyncConfig(_Section):
+    interval_s: int = 30
+    batch: int = 512
+
+
+@dataclass(frozen=True, eq=False)
+class LlamaConfig(_Section):
+    n_ctx: int = 2048
+    n_threads: int = 0
+    #: An integer >= -1 (-1: all layers) or "auto".
+    n_gpu_layers: int | str = 0
+    max_tokens: int = 512
+    task_timeout_s: int = 300
+
+
+@dataclass(frozen=True, eq=False)
+class CodepatchConfig(_Section):
+    timeout_s: int = 60
+    memory_mb: int = 1024
+    max_procs: int = 64
+
+
+@dataclass(frozen=True, eq=False)
+class ApiConfig(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8411"
+    token: str = ""
+    max_price: str = "1"
+
+
+@dataclass(frozen=True, eq=False)
+class Config(_Section):
+    """The whole config; every default is the one :data:`TEMPLATE` documents."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    llama: LlamaConfig = field(default_factory=LlamaConfig)
+    codepatch: CodepatchConfig = field(default_factory=CodepatchConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> Config:
+        """From checked section dicts (lists become tuples: the tree is frozen)."""
+        sections = {}
+        for f in dataclasses.fields(cls):
+            kind = f.default_factory  # type: ignore[misc]
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get(f.name, {}).items()}
+            sections[f.name] = kind(**values)  # type: ignore[operator]
+        return cls(**sections)
+
+#: The defaults as plain dicts (the TOML file's shape), from :class:`Config`.
+DEFAULTS: dict[str, dict[str, Any]] = Config().as_dict()
 
 TEMPLATE = """\
 # aem node configuration. Every key is shown with its default; delete a line to
@@ -127,11 +201,11 @@ max_price = "1"
 """
 
 
-def load_config(path: Path) -> dict[str, dict[str, Any]]:
+def load_config(path: Path) -> Config:
     """The config at ``path`` merged over the defaults (defaults if absent)."""
     cfg = copy.deepcopy(DEFAULTS)
     if not path.exists():
-        return cfg
+        return Config.from_dict(cfg)
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -155,4 +229,4 @@ def load_config(path: Path) -> dict[str, dict[str, Any]]:
             if want is int and value < 0:
                 raise AemError(errors.CONFIG, f"{path}: {section}.{key} must not be negative")
             cfg[section][key] = value
-    return cfg
+    return Config.from_dict(cfg)

@@ -2,7 +2,8 @@
 
 A Unix domain socket in the node's home, mode 0600 (the home itself is 0700),
 so only the node's owner can drive it; no TCP port. Framing: each message is a
-4-byte big-endian length and a msgpack map, at most :data:`MAX_FRAME` bytes.
+4-byte big-endian length and a msgpack map, at most :data:`MAX_FRAME` bytes
+(the one frame format, :mod:`protocol.frame`).
 
 A client sends one request ``{"cmd": NAME, "args": {...}}`` per connection.
 The server answers with zero or more events ``{"event": KIND, ...}`` (streamed
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -30,6 +30,7 @@ import trio
 
 from protocol import errors
 from protocol.errors import AemError
+from protocol.frame import HEADER_LEN, decode_header, encode_header
 
 MAX_FRAME = 32 << 20
 MAX_CMD = 64          # characters of a command name or an argument name
@@ -38,7 +39,6 @@ MAX_DEPTH = 8         # nesting of argument values (chat messages are 3 deep)
 MAX_DETAIL = 1000     # characters of an error reply's detail
 
 log = logging.getLogger("aemd.control")
-_LEN = struct.Struct(">I")
 
 Emit = Callable[[dict], Awaitable[None]]
 Handler = Callable[[dict, Emit], Awaitable[Any]]
@@ -48,7 +48,7 @@ def _pack(msg: dict) -> bytes:
     body = msgpack.packb(msg, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise AemError(errors.TOO_LARGE, "control message over the frame limit")
-    return _LEN.pack(len(body)) + body
+    return encode_header(len(body)) + body
 
 
 def _unpack(body: bytes) -> dict:
@@ -108,9 +108,7 @@ async def _serve_one(conn: trio.SocketStream, handlers: dict[str, Handler]) -> N
 
         try:
             with trio.fail_after(30):
-                (n,) = _LEN.unpack(await _recv_exact(conn, 4))
-                if n > MAX_FRAME:
-                    raise AemError(errors.TOO_LARGE, "control request over the frame limit")
+                n = decode_header(await _recv_exact(conn, HEADER_LEN), MAX_FRAME, "control request")
                 req = _unpack(await _recv_exact(conn, n))
             cmd, args = check_request(req)
             handler = handlers.get(cmd)
@@ -220,7 +218,5 @@ def _recv_msg(s: socket.socket) -> dict:
             buf += chunk
         return bytes(buf)
 
-    (n,) = _LEN.unpack(exact(4))
-    if n > MAX_FRAME:
-        raise AemError(errors.TOO_LARGE, "control reply over the frame limit")
+    n = decode_header(exact(HEADER_LEN), MAX_FRAME, "control reply")
     return _unpack(exact(n))

@@ -1,7 +1,8 @@
 """Length-prefixed frames over a libp2p stream.
 
 A frame is a 4-byte big-endian unsigned length ``n`` followed by exactly ``n``
-bytes of payload::
+bytes of payload (the byte format is :mod:`protocol.frame`, shared with the
+control socket and log files; this module is the async reading and writing)::
 
     +----------------+-------------------+
     | n (u32, BE)    | n payload bytes   |
@@ -58,13 +59,13 @@ the receiver consumes as they arrive.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
 import trio
 
+from protocol.frame import HEADER_LEN, MAX_FRAME_LEN, check_limit, decode_header, encode_header
 from protocol.errors import (
     BAD_ENCODING,
     BAD_VALUE,
@@ -86,18 +87,12 @@ __all__ = [
     "write_frame",
 ]
 
-#: Size of the length prefix in bytes.
-HEADER_LEN = 4
-
-#: Absolute ceiling for any frame (what a u32 prefix can express, and more than
-#: any aem object may be). Callers pass their own, much smaller, ``max_len``.
-MAX_FRAME_LEN = 2**32 - 1
+# HEADER_LEN (the 4-byte prefix) and MAX_FRAME_LEN (the u32 ceiling; callers
+# pass their own, much smaller, ``max_len``) come from protocol.frame.
 
 #: Writes above this size are split into several ``stream.write`` calls so that
 #: one call never holds a huge slice; below it the header and body go together.
 _WRITE_CHUNK = 256 * 1024
-
-_HEADER = struct.Struct(">I")
 
 
 class FrameStream(Protocol):
@@ -130,9 +125,7 @@ class _EOF(Exception):
         self.got = got
 
 
-def _check_limit(max_len: int) -> None:
-    if not isinstance(max_len, int) or max_len < 0 or max_len > MAX_FRAME_LEN:
-        raise AemError(BAD_VALUE, f"max_len must be 0..{MAX_FRAME_LEN}, got {max_len!r}")
+_check_limit = check_limit
 
 
 def _is_eof(exc: BaseException) -> bool:
@@ -204,9 +197,7 @@ async def read_frame_or_eof(stream: FrameStream, max_len: int) -> bytes | None:
         if eof.got == 0:
             return None
         raise AemError(BAD_ENCODING, f"truncated frame header: {eof}") from None
-    (length,) = _HEADER.unpack(header)
-    if length > max_len:
-        raise AemError(TOO_LARGE, f"frame of {length} bytes announced, limit is {max_len}")
+    length = decode_header(header, max_len)
     policy: FramePolicy | None = getattr(stream, "frame_policy", None)
     try:
         if policy is None:
@@ -244,7 +235,7 @@ async def write_frame(stream: FrameStream, data: bytes, max_len: int = MAX_FRAME
     length = len(data)
     if length > max_len:
         raise AemError(TOO_LARGE, f"frame of {length} bytes, limit is {max_len}")
-    header = _HEADER.pack(length)
+    header = encode_header(length)
     try:
         if length <= _WRITE_CHUNK:
             await stream.write(header + bytes(data))

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from aemd.config import TEMPLATE, load_config
 from aemd.home import Home
+from aemd.keyfile import read_keystore, write_keystore
 from crypto.keys import SigningKey
-from crypto.keystore import read_keystore, write_keystore
+from ledger.atomicfile import atomic_write  # the one atomic write (kept importable here)
 from protocol import errors
 from protocol.errors import AemError
 from protocol.genesis import Genesis
 
 MAX_GENESIS_FILE = Genesis.MAX_SIZE
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a whole file or nothing: temp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def read_genesis_file(path: Path) -> Genesis:

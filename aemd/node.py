@@ -17,22 +17,24 @@ import logging
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import trio
 
-from aemd import p2p
+from aemd import nodecontrol, p2p
 from aemd.capsules import LocalCapsule, load_capsules
+from aemd.config import Config
 from aemd.control import serve_control
 from aemd.home import Home
-from aemd.identity import atomic_write
 from aemd.hostbook import HostBook
 from aemd.meshview import MeshTable, RateGate, lifetime_problem
 from aemd.metrics import Metrics
 from aemd.storeaccess import StoreAccess
 from aemd.sync import SyncStats, sync_client, sync_server
 from crypto.keys import SigningKey
+from ledger.atomicfile import atomic_write
 from protocol import errors
 from protocol.errors import AemError
 from protocol.genesis import Genesis
@@ -78,18 +80,21 @@ class NodeOptions:
     n_gpu_layers: Any = 0               # [llama] n_gpu_layers: an int or "auto"
 
     @classmethod
-    def from_config(cls, cfg: dict, listen: list[str] | None, bootstrap: list[str] | None) -> "NodeOptions":
+    def from_config(cls, cfg: Config | Mapping, listen: list[str] | None,
+                    bootstrap: list[str] | None) -> "NodeOptions":
+        if not isinstance(cfg, Config):      # plain dicts of the TOML shape still work
+            cfg = Config.from_dict(cfg)
         return cls(
-            listen=listen or list(cfg["node"]["listen"]),
-            bootstrap=list(cfg["node"]["bootstrap"]) + list(bootstrap or []),
-            card_interval_s=cfg["gossip"]["card_interval_s"],
-            card_ttl_s=cfg["gossip"]["card_ttl_s"],
-            sync_interval_s=cfg["sync"]["interval_s"],
-            sync_batch=cfg["sync"]["batch"],
-            max_invalid_per_peer=cfg["gossip"]["max_invalid_per_peer"],
-            mdns=cfg["node"]["mdns"],
-            capacity=dict(cfg["capacity"]),
-            n_gpu_layers=cfg["llama"]["n_gpu_layers"],
+            listen=listen or list(cfg.node.listen),
+            bootstrap=list(cfg.node.bootstrap) + list(bootstrap or []),
+            card_interval_s=cfg.gossip.card_interval_s,
+            card_ttl_s=cfg.gossip.card_ttl_s,
+            sync_interval_s=cfg.sync.interval_s,
+            sync_batch=cfg.sync.batch,
+            max_invalid_per_peer=cfg.gossip.max_invalid_per_peer,
+            mdns=cfg.node.mdns,
+            capacity=dict(cfg.capacity),
+            n_gpu_layers=cfg.llama.n_gpu_layers,
         )
 
 
@@ -710,7 +715,6 @@ class Node:
     # -- control socket ---------------------------------------------------------------
 
     def _control_handlers(self) -> dict:
-        from aemd import nodecontrol
         handlers = nodecontrol.handlers(self)
         handlers.update(self.control_handlers)
         return handlers

@@ -5,12 +5,12 @@ hex in the CLI's JSON)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from aemd import p2p
-from aemd.cliutil import fmt_credits
+from aemd.cliutil import fmt_credits, to_jsonable
 from protocol import errors
 from protocol.errors import AemError
 from protocol.receipts import Transfer
@@ -19,7 +19,35 @@ from protocol.schema import AMOUNT
 AMOUNT_MAX = AMOUNT.hi
 
 if TYPE_CHECKING:
-    from aemd.node import Node
+    from ledger.replay import ReplayResult
+
+
+class ControlledNode(Protocol):
+    """What the control commands use of a running node (``aemd.node.Node``).
+
+    Named here, not imported, so this module sits below the node: the node
+    builds its control table from :func:`handlers`, and this module never
+    imports ``aemd.node`` (no circular import; ``.importlinter`` keeps it so).
+    """
+
+    key: Any
+    net: bytes
+    genesis: Any
+    home: Any
+    opts: Any
+    store: Any
+    p2p: Any
+    mesh: Any
+    capsules: Any
+    gpu_layers: dict
+    api_url: str
+
+    def now(self) -> int: ...
+    def status(self) -> dict: ...
+    async def append(self, obj: Any) -> Any: ...
+    async def withdraw_capsules(self, caps: list) -> None: ...
+    def reannounce_soon(self, *, coalesce: bool = True) -> None: ...
+    async def sync_with(self, peer: str, only: Any = None) -> Any: ...
 
 
 def _card_summary(card) -> dict:
@@ -59,6 +87,14 @@ def _newest_head_ts(store) -> int | None:
     return newest
 
 
+def replay_json(res: "ReplayResult") -> dict:
+    """A replay as ``aemctl ledger-replay --json`` prints it, without events
+    (the control socket's answer; the store hands out the value)."""
+    out = res.to_json()
+    out.pop("events", None)
+    return to_jsonable(out)
+
+
 def _hex_arg(args: dict, name: str, length: int) -> bytes:
     try:
         b = bytes.fromhex(str(args.get(name, "")))
@@ -76,7 +112,7 @@ def _int_arg(args: dict, name: str, lo: int = 0) -> int:
     return v
 
 
-def handlers(node: "Node") -> dict[str, Any]:
+def handlers(node: ControlledNode) -> dict[str, Any]:
     async def status(args: dict, emit) -> dict:
         st = node.status()
         st["log_entries"] = await node.store.count()
@@ -88,7 +124,7 @@ def handlers(node: "Node") -> dict[str, Any]:
         newest = await node.store._run(_newest_head_ts, node.store.store)
         # An empty log: as of the network's creation (the grants alone).
         as_of = min(now, node.genesis.created_at if newest is None else newest)
-        st["state_root"] = (await node.store.replay(as_of))["state_root"]
+        st["state_root"] = (await node.store.replay(as_of)).state_root.hex()
         st["state_root_as_of"] = as_of
         from aemd import gpu
         g = await trio.to_thread.run_sync(gpu.summary)
@@ -146,7 +182,7 @@ def handlers(node: "Node") -> dict[str, Any]:
             as_of = node.now()
         elif type(as_of) is not int or as_of < 0:
             raise AemError(errors.BAD_VALUE, "as_of must be Unix seconds")
-        return await node.store.replay(as_of)
+        return replay_json(await node.store.replay(as_of))
 
     async def reload_capsules(args: dict, emit) -> dict:
         from aemd.capsules import load_capsules

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import trio
 
-from aemd.cliutil import to_jsonable
 from ledger.replay import ReplayResult
 from ledger.store import LogStore, Status
 from protocol import errors
@@ -67,16 +66,16 @@ class StoreAccess:
     async def count(self) -> int:
         return await self._run(self.store.count)
 
-    async def replay(self, as_of: int) -> dict:
-        """The replay as `aemctl ledger-replay --json` prints it, without events."""
-        res = await self._timed_replay(as_of)
-        out = res.to_json()
-        out.pop("events", None)
-        return to_jsonable(out)
+    async def replay(self, as_of: int) -> ReplayResult:
+        """The replay of the stored log as of ``as_of`` (from the store's
+        checkpoint), as a value; callers that print JSON convert it
+        (``aemd.nodecontrol.replay_json``)."""
+        return await self._timed_replay(as_of)
 
     async def ledger(self, as_of: int) -> ReplayResult:
-        """The replay result itself, for callers that ask it several things
-        (funds, spend keys, hosts' records) from one replay."""
+        """The same as :meth:`replay`, by the name the task service and the
+        API use when they ask one replay several things (funds, spend keys,
+        hosts' records)."""
         return await self._timed_replay(as_of)
 
     async def _timed_replay(self, as_of: int) -> ReplayResult:

@@ -6,6 +6,7 @@ Layout (``specs/ledger.md`` section 9), all integers big-endian:
     magic    8 bytes   "AEMLOG" 0x00 0x01   (format version 1)
     net     32 bytes   network id (the genesis id)
     record*            u32 length (1..65536) || the entry's canonical bytes
+                       (the one frame format, protocol/frame.py)
     end      4 bytes   u32 0
     count    8 bytes   u64 number of records
     digest  32 bytes   H(id_1 || id_2 || ... || id_count), id_i = H(record i bytes)
@@ -19,36 +20,36 @@ arrived from a peer.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from crypto.hashing import H
+from ledger.atomicfile import AtomicFile
 from protocol import errors
 from protocol.entry import MAX_ENTRY
 from protocol.errors import AemError
+from protocol.frame import HEADER_LEN, decode_header, encode_header
 
 MAGIC = b"AEMLOG\x00\x01"
-_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
 class LogWriter:
     """Write a log file: ``with LogWriter(path, net) as w: w.add(entry_bytes)``.
-    The file appears complete or not at all (written aside, then renamed)."""
+    The file appears complete or not at all (:class:`ledger.atomicfile.AtomicFile`:
+    written aside, fsynced, then renamed)."""
 
     def __init__(self, path: str | Path, net: bytes) -> None:
         self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.part")
-        self._fh: BinaryIO = open(self._tmp, "wb")
+        self._fh = AtomicFile(self.path)
         self._fh.write(MAGIC + net)
         self._ids: list[bytes] = []
 
     def add(self, data: bytes) -> None:
         if not 1 <= len(data) <= MAX_ENTRY:
             raise AemError(errors.TOO_LARGE, f"entry of {len(data)} bytes cannot be exported")
-        self._fh.write(_U32.pack(len(data)))
+        self._fh.write(encode_header(len(data)))
         self._fh.write(data)
         self._ids.append(H(data))
 
@@ -57,15 +58,11 @@ class LogWriter:
         return len(self._ids)
 
     def close(self) -> None:
-        self._fh.write(_U32.pack(0) + _U64.pack(len(self._ids)) + H(b"".join(self._ids)))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self._tmp, self.path)
+        self._fh.write(encode_header(0) + _U64.pack(len(self._ids)) + H(b"".join(self._ids)))
+        self._fh.commit()
 
     def abort(self) -> None:
-        self._fh.close()
-        self._tmp.unlink(missing_ok=True)
+        self._fh.abort()
 
     def __enter__(self) -> LogWriter:
         return self
@@ -109,11 +106,9 @@ def read_log(path: str | Path, net: bytes | None = None) -> Iterator[bytes]:
             raise AemError(errors.WRONG_NETWORK, f"{path} is a log of another network")
         ids: list[bytes] = []
         while True:
-            (n,) = _U32.unpack(_read_exact(fh, 4, "a record length"))
+            n = decode_header(_read_exact(fh, HEADER_LEN, "a record length"), MAX_ENTRY, "record")
             if n == 0:
                 break
-            if n > MAX_ENTRY:
-                raise AemError(errors.TOO_LARGE, f"record of {n} bytes > {MAX_ENTRY}")
             data = _read_exact(fh, n, "a record")
             ids.append(H(data))
             yield data

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aemd import cli, ctl
-from aemd.config import DEFAULTS, load_config
+from aemd.config import DEFAULTS, Config, load_config
 from aemd.home import Home
 from crypto.keys import SigningKey
 from protocol.errors import AemError
@@ -44,7 +44,9 @@ def test_genesis_new_init_and_join(tmp_path):
     info = json.loads(out.stdout)
     assert info["network_id"] is None
     assert stat.S_IMODE(os.stat(home / "identity.key").st_mode) == 0o600
-    assert load_config(home / "config.toml") == DEFAULTS   # the template is the defaults
+    cfg = load_config(home / "config.toml")
+    assert cfg == Config() and cfg.as_dict() == DEFAULTS      # the template is the defaults
+    assert cfg.llama.n_ctx == cfg["llama"]["n_ctx"] == 2048   # typed, and readable as before
 
     gfile = tmp_path / "net.genesis"
     out = run("aemctl", "genesis", "new", "--name", "testnet", "--out", str(gfile),
@@ -130,3 +132,18 @@ def test_start_without_network_says_how_to_join(tmp_path):
     assert run("aemd", "init", "--home", str(home)).returncode == 0
     out = run("aemd", "start", "--home", str(home))
     assert out.returncode == 1 and "--genesis" in out.stderr
+
+
+def test_config_is_a_frozen_typed_tree(tmp_path):
+    import dataclasses
+
+    p = tmp_path / "config.toml"
+    p.write_text('[node]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n[llama]\nn_gpu_layers = "auto"\n')
+    cfg = load_config(p)
+    assert cfg.node.listen == ("/ip4/127.0.0.1/tcp/0",) and cfg.llama.n_gpu_layers == "auto"
+    assert cfg.sync.batch == DEFAULTS["sync"]["batch"]                 # the rest: defaults
+    assert dict(cfg.capacity) == DEFAULTS["capacity"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.llama.n_ctx = 1                                            # type: ignore[misc]
+    with pytest.raises(KeyError):
+        cfg["llama"]["no_such_key"]

@@ -32,6 +32,7 @@ from crypto.hashing import H
 from crypto.keys import SigningKey
 from protocol import errors
 from protocol.errors import AemError
+from protocol.frame import encode_header
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement
 from tests.nodekit import Mesh
 
@@ -220,7 +221,7 @@ def test_control_server_survives_hostile_requests(tmp_path):
             c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
             c.settimeout(10)
             c.connect(str(sock))
-            c.sendall(control._LEN.pack(len(payload)) + payload)
+            c.sendall(encode_header(len(payload)) + payload)
             try:
                 return control._recv_msg(c)
             finally:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.keys import SigningKey
-from crypto.keystore import keystore_is_encrypted, read_keystore, write_keystore
+from aemd.keyfile import keystore_is_encrypted, read_keystore, write_keystore
 from protocol.errors import BAD_PASSPHRASE, KEYSTORE, AemError
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")

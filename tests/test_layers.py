@@ -45,3 +45,19 @@ def test_replay_imports_and_runs_without_sqlite():
     assert r.returncode == 0, r.stderr
     assert "store-needs-sqlite" in r.stdout
     assert "root " in r.stdout
+
+
+def test_contracts_cover_the_shell_layers():
+    # The shell's own layers are contracts too, not only conventions.
+    text = (ROOT / ".importlinter").read_text()
+    for name in ("peerscore-pure", "nodecontrol-below-node", "p2p-below-node"):
+        assert f"[importlinter:contract:{name}]" in text
+
+
+def test_control_commands_load_without_the_node():
+    # No circular import: the node builds on nodecontrol, never the reverse.
+    code = ("import sys, aemd.nodecontrol, aemd.p2p.peerscore\n"
+            "print('node' if 'aemd.node' in sys.modules else 'no-node')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "no-node" in r.stdout
