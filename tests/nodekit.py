@@ -44,19 +44,53 @@ listen = "127.0.0.1:0"
 """
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.25) -> Any:
-    """Poll ``fn`` until it returns a truthy value; fail after ``timeout`` s."""
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
+    """Poll ``fn`` until it returns a truthy value and return that; fail after
+    ``timeout`` s with ``what`` and the last value seen.
+
+    The first polls come quickly (20 ms, doubling up to ``every``): most
+    conditions hold within a few hundred milliseconds, and a long fixed
+    interval would be the slowest part of a test. ``timeout`` is only a bound
+    for a broken run, never a wait."""
     deadline = time.monotonic() + timeout
     last: Any = None
-    while time.monotonic() < deadline:
+    pause = min(0.02, every)
+    while True:
         try:
             last = fn()
             if last:
                 return last
         except AemError as exc:
             last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+        time.sleep(pause)
+        pause = min(pause * 2, every)
+
+
+async def until(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
+    """:func:`wait_for` inside ``trio.run``: ``fn`` may be sync or async; the
+    pauses yield to the other tasks (a libp2p host in the test process keeps
+    running)."""
+    import inspect
+
+    import trio
+    deadline = trio.current_time() + timeout
+    last: Any = None
+    pause = min(0.02, every)
+    while True:
+        try:
+            last = fn()
+            if inspect.isawaitable(last):
+                last = await last
+            if last:
+                return last
+        except AemError as exc:
+            last = exc
+        if trio.current_time() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+        await trio.sleep(pause)
+        pause = min(pause * 2, every)
 
 
 class NodeProc:
@@ -102,6 +136,10 @@ class NodeProc:
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
+        return self.reap()
+
+    def reap(self) -> int:
+        """Wait for the process (signalled already) to end; SIGKILL after 30 s."""
         try:
             rc = self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -113,6 +151,13 @@ class NodeProc:
 
     def stop(self) -> int:
         return self.kill(signal.SIGTERM)
+
+    def log_has(self, text: str) -> bool:
+        return self.log_path.exists() and text in self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until the node's log holds ``text`` (what the daemon says it did)."""
+        wait_for(f"{self.log_path.name} to log {text!r}", lambda: self.log_has(text), timeout=timeout)
 
     @property
     def running(self) -> bool:
@@ -151,10 +196,24 @@ class Mesh:
             node.start([prev.addr] if prev else [])
             prev = node
 
-    def close(self) -> None:
-        for n in self.nodes:
+    def sync_now(self, nodes: list[NodeProc] | None = None) -> None:
+        """Ask each running node to pull from all its peers now, rather than
+        wait for its next sync round."""
+        for n in nodes or self.nodes:
             if n.running:
-                n.kill(signal.SIGTERM)
+                try:
+                    n.call("sync_now", timeout=60)
+                except AemError:
+                    pass          # a peer that went away mid-round: the caller's wait judges the result
+
+    def close(self) -> None:
+        # Signal every node first, then wait: each takes a moment to stop
+        # cleanly, and one after another that adds up.
+        running = [n for n in self.nodes if n.running]
+        for n in running:
+            n.proc.send_signal(signal.SIGTERM)
+        for n in running:
+            n.reap()
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.log_path.name}\n{n.log_path.read_text()[-4000:]}"

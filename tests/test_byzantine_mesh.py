@@ -49,7 +49,7 @@ from protocol.sync import Frontier, HeadAnnouncement, sync_protocol_id, topic
 from protocol.taskwire import task_protocol_id
 from tests import byzkit
 from tests.byzkit import LOCAL, ByzPeer, Feeds, addrs_of
-from tests.nodekit import Mesh, wait_for
+from tests.nodekit import Mesh, until, wait_for
 from tests.test_mesh_abuse import _closed_port
 from tests.test_tasks import PROMPT, add_expert
 
@@ -225,9 +225,10 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
             hosts = {a["host"] for a in await _call(payer, "ads")}
             return want_hosts <= hosts
 
+        await until("the payer in every hostile peer's gossip mesh",
+                    lambda: all(payer.peer_id in b.host.mesh_peers(topic(net, "ads")) for b in (T, G, S)),
+                    timeout=WAIT)
         with trio.fail_after(WAIT):
-            while not all(payer.peer_id in b.host.mesh_peers(topic(net, "ads")) for b in (T, G, S)):
-                await trio.sleep(0.1)
             sent = 0
             while not await payer_sees_all():
                 for who, name, obj in gossip:
@@ -235,7 +236,9 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
                 for name, obj in fake_gossip[:2 * len(FAKES) + 3 if sent == 0 else 2 * len(FAKES)]:
                     await G.gossip(name, obj.encode())     # far-future ads once: each is judged invalid
                 sent += 1
-                await trio.sleep(0.5)
+                # Gossip is best effort: re-sent until the payer holds it all, as hosts re-announce.
+                with trio.move_on_after(0.5):
+                    await until("the payer to hold every hostile ad", payer_sees_all, timeout=WAIT)
         facts["gossip_rounds"] = sent
         facts["t_joined"] = round(time.monotonic() - t_start, 1)
 
@@ -296,14 +299,14 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
                     await S.gossip("heads", ann.encode())
                 except Exception:
                     pass
-                await trio.sleep(0.3 + 0.4 * rnd.random())
+                await trio.sleep(0.3 + 0.4 * rnd.random())    # the attack's seeded pace, not a wait
 
         async with trio.open_nursery() as bg:
             bg.start_soon(hold_idle_streams)
             bg.start_soon(forge_heads)
             async with trio.open_nursery() as tasks_now:
                 tasks_now.start_soon(text_task, "text1")
-                await trio.sleep(rnd.random())
+                await trio.sleep(rnd.random())        # a seeded stagger of the two tasks, not a wait
                 tasks_now.start_soon(code_task, "code1")
                 tasks_now.start_soon(burst_unfunded)
                 # While they run: the second equivocator's feed, forked by peer.
@@ -353,7 +356,9 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
                     await T.gossip("heads", ann.encode())
                 except Exception:
                     pass
-                await trio.sleep(1.0)
+                # Re-announced until every node judged it (a banned peer's gossip may be dropped).
+                with trio.move_on_after(1.0):
+                    await until("every node to judge the bomb", bomb_judged, timeout=WAIT)
         facts["bomb_sessions"] = {by_peer[p].log_path.stem: T.served.get(p, 0) - served_before.get(p, 0)
                                   for p in by_peer}
         facts["t_bomb_judged"] = round(time.monotonic() - t_start, 1)
@@ -381,18 +386,19 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
             return must_refuse <= {x["entry"] for x in r["rejected"]}
 
         frozen = {equiv.public.hex(): 0, equiv2.public.hex(): len(PREFIX)}
-        rs: list[dict] = []
-        with trio.fail_after(WAIT):
-            while True:
-                as_of = int(time.time())
-                rs = await _replays(honest, as_of)
-                # (Entry counts may differ by entries past the equivocator's
-                # fork that one side holds: frozen, they enter no root.)
-                if (len({r["state_root"] for r in rs}) == 1
-                        and all(r["frozen"] == frozen for r in rs) and all(map(judged, rs))):
-                    break
-                facts["last"] = [(r["entries"], r["state_root"][:12], r["frozen"]) for r in rs]
-                await trio.sleep(1.0)
+        async def converged():
+            for n in honest:
+                try:
+                    await _call(n, "sync_now")          # pull now rather than at the next round
+                except Exception:
+                    pass
+            rs = await _replays(honest, int(time.time()))
+            facts["last"] = [(r["entries"], r["state_root"][:12], r["frozen"]) for r in rs]
+            # (Entry counts may differ by entries past the equivocator's
+            # fork that one side holds: frozen, they enter no root.)
+            return (len({r["state_root"] for r in rs}) == 1
+                    and all(r["frozen"] == frozen for r in rs) and all(map(judged, rs))) and rs
+        rs: list[dict] = await until("one state root on every honest node", converged, timeout=WAIT, every=0.5)
         facts["t_converged"] = round(time.monotonic() - t_start, 1)
         facts["entries"] = [r["entries"] for r in rs]
         facts["rejected"] = {x["entry"][:12]: x["code"] for x in rs[0]["rejected"]}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.nodekit import BIN
 
 
+@pytest.mark.model          # the demo's chat task runs SmolLM2
 def test_demo_mesh_does_both_tasks_and_agrees(tmp_path):
     out = subprocess.run([str(BIN / "aemd"), "demo", "--dir", str(tmp_path / "demo")], capture_output=True,
                          text=True, timeout=600)

@@ -398,9 +398,8 @@ def test_payer_refuses_an_overcharge_and_bounds_a_host_that_streams_forever(tmp_
         events.append(event)
 
     async def wait_until(cond, what):
-        with trio.fail_after(30):
-            while not cond():
-                await trio.sleep(0.05)
+        from tests.nodekit import until
+        await until(what, cond, timeout=30)
 
     async def main():
         proto = task_protocol_id(net)
@@ -457,9 +456,9 @@ def test_payer_refuses_an_overcharge_and_bounds_a_host_that_streams_forever(tmp_
                 from protocol.entry import make_entry as mk
                 added, bad = await payer.store.insert_batch([mk(greedy, net, 0, b"", 0, now, r).encode()])
                 assert (added, bad) == (1, 0)
-                with trio.fail_after(30):
-                    while await payer.store.count() < 2:      # the receipt, then the payer's dispute
-                        await trio.sleep(0.05)
+                async def disputed() -> bool:                 # the receipt, then the payer's dispute
+                    return await payer.store.count() >= 2
+                await wait_until(disputed, "the payer's dispute in its log")
                 ledger = await payer.store.ledger(int(time.time()))
                 assert ledger.challenged(r.id) and ledger.disputes(payer.key.public, greedy.public) == 1
                 assert ledger.available(payer.key.public) == mesh.genesis.grants[0].amount
@@ -471,6 +470,10 @@ def test_payer_refuses_an_overcharge_and_bounds_a_host_that_streams_forever(tmp_
 
 
 # -- the attack of issue "payment taken without work", on real nodes -----------------
+
+async def _has_ads(call, node, n: int) -> bool:
+    return len(await call(node, "ads")) >= n
+
 
 @pytest.mark.trio
 async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
@@ -498,7 +501,7 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
                                sync_protocol_id, topic)
     from protocol.taskwire import task_protocol_id
     from tests import byzkit
-    from tests.nodekit import BIN, Mesh
+    from tests.nodekit import BIN, Mesh, until
 
     grant = 1_000_000_000
     mesh = Mesh(tmp_path, 3, grant=grant)
@@ -531,9 +534,11 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
         # Some history first, so the honest host's receipt has a Lamport clock
         # above 0 and the attacker's entry sorts first on every node.
         await call(watcher, "transfer", {"to": payer.account.hex(), "amount": 5})
-        with trio.fail_after(60):
-            while (await call(honest, "status"))["log_entries"] < 1:
-                await trio.sleep(0.2)
+
+        async def honest_has_it() -> bool:
+            await call(honest, "sync_now")          # pull it now rather than at the next round
+            return (await call(honest, "status"))["log_entries"] >= 1
+        await until("the transfer on the honest host", honest_has_it, timeout=60)
         async with p2p.open_p2p(thief.seed, ["/ip4/127.0.0.1/tcp/0"]) as evil:
             evil.set_stream_handler(task_protocol_id(net),
                                     byzkit.refuse_then_claim(thief, net, lambda e: None, stolen))
@@ -541,9 +546,9 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
             cards_t, ads_t = topic(net, "cards"), topic(net, "ads")
             subs = [await evil.subscribe(t) for t in (cards_t, ads_t)]
             await evil.connect(payer.addr)
+            await until("the payer in our gossip mesh",
+                        lambda: all(payer.peer_id in evil.mesh_peers(t) for t in (cards_t, ads_t)), timeout=60)
             with trio.fail_after(60):
-                while not all(payer.peer_id in evil.mesh_peers(t) for t in (cards_t, ads_t)):
-                    await trio.sleep(0.1)
                 now = int(time.time())
                 addrs = tuple(a.split("/p2p/")[0] for a in evil.listen_multiaddrs())
                 card = NodeCard(net=net, node=thief.public, addrs=addrs, gpu="", vram_mb=0, ram_mb=0,
@@ -554,9 +559,11 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
                                        availability=100, max_concurrency=4, required_receipts=(),
                                        issued_at=now, expires_at=now + 600, sig=b"").signed(thief)
                 while len(await call(payer, "ads")) < 2:        # the honest ad and the attacker's
+                    # Gossip is best effort: re-sent until the payer holds it, as a host re-announces.
                     await evil.publish(cards_t, card.encode())
                     await evil.publish(ads_t, ad.encode())
-                    await trio.sleep(0.5)
+                    with trio.move_on_after(0.5):             # then sent again
+                        await until("the attacker's ad at the payer", lambda: _has_ads(call, payer, 2))
 
             patch = tmp_path / "good.patch"
             patch.write_text(fixture_patch("good"))
@@ -571,12 +578,15 @@ async def test_a_host_that_refuses_cannot_take_the_payment(tmp_path):
             assert stolen, "the attacker was never tried"
 
             # the transfer, the honest receipt, the payer's ack, the stolen receipt, its dispute
-            with trio.fail_after(120):
-                while True:
-                    rs = [await call(n, "ledger_replay") for n in mesh.nodes]
-                    if all(r["entries"] == 5 for r in rs) and len({r["state_root"] for r in rs}) == 1:
-                        break
-                    await trio.sleep(0.5)
+            async def agreed():
+                for n in mesh.nodes:
+                    try:
+                        await call(n, "sync_now")        # pull now rather than at the next round
+                    except errors.AemError:
+                        pass
+                rs = [await call(n, "ledger_replay") for n in mesh.nodes]
+                return all(r["entries"] == 5 for r in rs) and len({r["state_root"] for r in rs}) == 1 and rs
+            rs = await until("five entries and one state root on every node", agreed, timeout=120)
             for r in rs:
                 bal = r["balances"]
                 assert thief.public.hex() not in bal
@@ -635,14 +645,12 @@ def test_payer_disputes_receipts_it_never_accepted_on_insert(tmp_path):
     the ack (its route trace says so) is acknowledged instead."""
     import time
 
-    import trio
-
     from aemd import services
     from aemd.config import load_config
     from aemd.node import Node, NodeOptions
     from crypto.keys import SigningKey
     from protocol.task import InferenceWorkReceipt, RouteTrace, SpendAuthorization
-    from tests.nodekit import Mesh
+    from tests.nodekit import Mesh, until
 
     mesh = Mesh(tmp_path, 1)
     home, key = mesh.nodes[0].home, mesh.nodes[0].key
@@ -668,8 +676,10 @@ def test_payer_disputes_receipts_it_never_accepted_on_insert(tmp_path):
         first = make_entry(host, net, 0, b"", 0, now, never)
         entries = [first, make_entry(host, net, 1, first.id, 1, now, accepted)]
         assert await node.store.insert_batch([e.encode() for e in entries]) == (2, 0)
-        while await node.store.count() < 4:
-            await trio.sleep(0.05)
+
+        async def answered() -> bool:                  # a dispute and an ack, appended by the payer
+            return await node.store.count() >= 4
+        await until("the payer's dispute and ack", answered, timeout=30)
         ledger = await node.store.ledger(int(time.time()))
         assert ledger.challenged(never.id) and ledger.disputes(key.public, host.public) == 1
         assert ledger.acknowledged(accepted.id, key.public) and not ledger.challenged(accepted.id)
