@@ -20,15 +20,17 @@ Three parts, in one run:
    every node replicates, and the CPU every node spends checking them; the
    payer's cost of checking its own line; a dispute's proof. The speed
    figure is a ratio against the per-receipt cost measured in the same run.
-3. ``mesh``: meshes of 10, 100 and 1,000 nodes (hosts publishing ads, the
-   accounts of a busy spell authoring a burst, verifiers among them, 5% of
-   the nodes offline for the first 20 s): simulated time and messages per
-   node until an ad reaches every node, until a burst of 10,000 entries is
-   on every node, bytes per node per entry replicated, and the growth
-   exponents (least-squares log-log slope over the sizes). The model is
-   described above class MemLog: the daemon's own sync sessions, the
-   daemon's head-sync rules, gossip as a flood; it stands in until the
-   simulator of tests/sim/ reports the same figures.
+3. ``mesh``: meshes on the simulator of tests/sim/ (tests/sim/scale.py:
+   the daemon's node logic, real sync sessions and signed gossip, hosts
+   publishing ads, the payers authoring a burst): simulated time and
+   messages per node until an ad reaches every node and until a burst is
+   on every node, bytes per node per entry, growth exponents
+   (least-squares log-log slope over the sizes). Two announcement
+   policies: ``today`` (the daemon's: origin gossip ids, every synced
+   author's head re-announced; O(N^2 x authors) gossip, so 10 and 30 nodes
+   only) and ``content`` (content-addressed gossip ids: identical
+   HeadAnnouncement bytes forwarded once) at 10, 100 and 1,000 nodes (10
+   and 100 with --quick). The burst size of each run is printed.
 
 Figures, printed last as ``name: value`` lines.
 """
@@ -269,449 +271,79 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-# The model of the mesh (used until tests/sim/ offers the same figures; see
-# specs/scale.md section 5). What is real: the sync sessions are the
-# daemon's own generators (protocol/syncsession.py) driven against in-memory
-# logs, so frames, bytes and round trips are the protocol's; the entries and
-# the advertisement are real signed objects; who syncs with whom follows
-# aemd/node.py (a head announcement from a connected origin starts a session
-# with it for that author, a relayed one a full session with a random peer,
-# both through RateGate(0.5/s, burst 8) as HEAD_SYNC_RATE/BURST; after a
-# session that added entries the node announces those authors' heads; every
-# node runs a full anti-entropy session every 30 s x U(0.75, 1.25) with its
-# peers in turn, and with every peer on connecting). What is modelled:
-# gossip is a flood over the connections with duplicate suppression (each
-# node forwards a new message once to every other neighbour: GossipSub's
-# mesh at degree D, without IHAVE/IWANT), each link has a seeded one-way
-# latency of 10 to 60 ms, a session takes its round trips times the link's
-# RTT plus its bytes at 20 Mbit/s, and signature checks are done once for
-# the whole mesh (the lightweight log), their cost being part 1's figure.
 
-LINK_MS = (10.0, 60.0)
-BANDWIDTH = 20e6 / 8          # bytes/s of a home link
-AE_INTERVAL = 30.0
-DIAL = 3                      # bootstrap peers a node dials (each node gets ~2 x DIAL connections)
-CHURN = 0.05                  # nodes offline during the burst, back after CHURN_BACK_S
-CHURN_BACK_S = 20.0
-HEAD_SYNC_RATE, HEAD_SYNC_BURST = 0.5, 8
+# The mesh part runs on the deterministic simulator of tests/sim/ (its
+# scale API, tests/sim/scale.py): the daemon's node logic (aemd/node.py,
+# mirrored in tests/sim/node.py) with the real sync sessions, signed ads and
+# head announcements, GossipSub-like pubsub at degree 6 (4..12), seeded link
+# latency of 2 to 40 ms plus jitter, the in-memory log with signature checks
+# memoised across nodes. Two announcement policies:
+#
+# * ``today``: the daemon as it is: gossip ids (origin, seqno) and a head
+#   announcement for every author a sync session stored. Each node that
+#   fetches an author's entries re-announces that author's head, and each
+#   announcement floods the mesh, so gossip grows with N^2 x authors: run
+#   at the small sizes only (TODAY_SIZES).
+# * ``content``: the proposed content-addressed gossip id (H(bytes)):
+#   identical HeadAnnouncement bytes, re-announced by many nodes, are
+#   forwarded once. Run at every size.
+
+TODAY_SIZES = (10, 30)
+POLICIES = {"today": {"msg_id": "origin", "announce_synced": True},
+            "content": {"msg_id": "content", "announce_synced": True}}
+MESH_KEYS = ("ad_time_s", "ad_msgs_per_node", "burst_time_s", "burst_msgs_per_node",
+             "burst_gossip_msgs_per_node", "burst_stream_msgs_per_node", "bytes_per_node_per_entry")
 
 
-class _Meta:
-    """Entry metadata, decoded once for the whole mesh (the lightweight log)."""
-    cache: dict[bytes, tuple[bytes, int, bytes, bytes, bytes]] = {}
-
-    @classmethod
-    def of(cls, data: bytes) -> tuple[bytes, int, bytes, bytes, bytes]:
-        """(author, seq, prev, id, the one copy of these bytes every log keeps:
-        each frame decoded makes new bytes objects, and 1,000 logs of 10,000
-        entries must share theirs)."""
-        m = cls.cache.get(data)
-        if m is None:
-            e = Entry.decode(data)
-            m = cls.cache[data] = (e.author, e.seq, e.prev, e.id, data)
-        return m
+def burst_size(n: int, quick: bool) -> int:
+    """Entries in the burst at ``n`` nodes (scaled down at 1,000 nodes so the
+    full run stays within minutes; printed as ``*_burst_entries``)."""
+    if quick:
+        return 1_000
+    return 10_000 if n <= 100 else BIG_MESH_BURST
 
 
-class MemLog:
-    """The LogAccess of aemd/sync.py over dicts: entries stored in order."""
-
-    def __init__(self) -> None:
-        self.feeds: dict[bytes, list[bytes]] = {}
-        self.ids: dict[bytes, list[bytes]] = {}
-        self.count = 0
-
-    def frontiers(self) -> dict[bytes, tuple[int, bytes]]:
-        return {a: (len(f) - 1, self.ids[a][-1]) for a, f in self.feeds.items()}
-
-    def range(self, author: bytes, from_seq: int, limit: int) -> list[bytes]:
-        return self.feeds.get(author, [])[from_seq:from_seq + limit]
-
-    def linked_ids(self, pairs) -> dict:
-        out = {}
-        for a, q in pairs:
-            ids = self.ids.get(a, [])
-            out[(a, q)] = {ids[q]} if 0 <= q < len(ids) else set()
-        return out
-
-    def insert_batch(self, entries) -> tuple[int, int]:
-        added = 0
-        for d in entries:
-            a, q, prev, eid, one = _Meta.of(d)
-            ids = self.ids.setdefault(a, [])
-            if q == len(ids) and (q == 0 or ids[-1] == prev):
-                self.feeds.setdefault(a, []).append(one)
-                ids.append(eid)
-                added += 1
-        self.count += added
-        return added, 0
-
-    def seq(self, author: bytes) -> int:
-        return len(self.ids.get(author, ())) - 1
+BIG_MESH_BURST = 10_000
 
 
-class _Staged:
-    """The client's log during a session: reads see the log, inserts wait
-    until the session ends (in simulated time)."""
-
-    def __init__(self, log: MemLog) -> None:
-        self.log, self.pending = log, []
-
-    def __getattr__(self, op):
-        return getattr(self.log, op)
-
-    def insert_batch(self, entries):
-        self.pending.extend(_Meta.of(d)[4] for d in entries)
-        return len(entries), 0
-
-
-def drive(client, server, clog, slog) -> tuple[int, int, int]:
-    """Run a sync_client against a sync_server to the end: (frames, bytes,
-    round trips the client waited for)."""
-    from collections import deque
-    from protocol.session import Call, Recv, Send
-    to_s, to_c = deque(), deque()
-    frames = nbytes = waits = 0
-    c_val, s_val, c_done, s_done = None, None, False, False
-    c_blocked = s_blocked = False
-    while not (c_done and s_done):
-        progressed = False
-        while not c_done:
-            if c_blocked:
-                if not to_c:
-                    break
-                c_val, c_blocked = to_c.popleft(), False
-            try:
-                act = client.send(c_val)
-            except StopIteration:
-                c_done = True
-                break
-            progressed = True
-            if isinstance(act, Send):
-                to_s.append(act.data)
-                frames += 1
-                nbytes += len(act.data)
-                c_val = None
-            elif isinstance(act, Recv):
-                c_blocked, c_val = True, None
-                if not to_c:
-                    waits += 1
-            elif isinstance(act, Call):
-                c_val = getattr(clog, act.op)(*act.args)
-        while not s_done:
-            if s_blocked:
-                if to_s:
-                    s_val, s_blocked = to_s.popleft(), False
-                elif c_done:
-                    s_val, s_blocked = None, False
-                else:
-                    break
-            try:
-                act = server.send(s_val)
-            except StopIteration:
-                s_done = True
-                break
-            progressed = True
-            if isinstance(act, Send):
-                to_c.append(act.data)
-                frames += 1
-                nbytes += len(act.data)
-                s_val = None
-            elif isinstance(act, Recv):
-                s_blocked, s_val = True, None
-            elif isinstance(act, Call):
-                s_val = getattr(slog, act.op)(*act.args)
-        if not progressed:
-            raise SystemExit("sync sessions deadlocked in the bench driver")
-    return frames, nbytes, waits
-
-
-class Mesh:
-    def __init__(self, n: int, seed: int, net: bytes) -> None:
-        import heapq
-        self.heapq = heapq
-        from aemd.meshview import RateGate
-        self.rnd = random.Random(seed)
-        self.n, self.net = n, net
-        self.adj: list[dict[int, float]] = [dict() for _ in range(n)]
-        for i in range(1, n):
-            for j in self.rnd.sample(range(i), min(DIAL, i)):
-                ms = self.rnd.uniform(*LINK_MS) / 1e3
-                self.adj[i][j] = self.adj[j][i] = ms
-        self.logs = [MemLog() for _ in range(n)]
-        self.up = [True] * n
-        self.gates = [RateGate(HEAD_SYNC_RATE, HEAD_SYNC_BURST) for _ in range(n)]
-        self.turn = [0] * n
-        self.inflight: set[tuple[int, int, bytes]] = set()
-        self.pending: dict[tuple[int, bytes], tuple[int, float]] = {}
-        self.events: list = []
-        self.k = 0
-        self.now = 0.0
-        self.msgs = self.gossip_bytes = self.sync_frames = self.sync_bytes = self.sessions = 0
-        self._dist: dict[int, list[float]] = {}
-
-    # -- gossip: a flood with duplicate suppression over the live graph -----------
-
-    def dist(self, s: int) -> list[float]:
-        d = self._dist.get(s)
-        if d is None:
-            d = [math.inf] * self.n
-            d[s] = 0.0
-            h = [(0.0, s)]
-            while h:
-                t, u = self.heapq.heappop(h)
-                if t > d[u]:
-                    continue
-                for v, w in self.adj[u].items():
-                    if self.up[v] and t + w < d[v]:
-                        d[v] = t + w
-                        self.heapq.heappush(h, (t + w, v))
-            self._dist[s] = d
-        return d
-
-    def live_links(self) -> int:
-        return sum(1 for u in range(self.n) if self.up[u] for v in self.adj[u] if self.up[v]) // 2
-
-    def flood_cost(self, size: int) -> None:
-        # Every live node forwards a new message once to each neighbour but the
-        # one it came from: 2 E - (N - 1) transmissions, whatever the source.
-        live = sum(self.up)
-        tx = 2 * self._links - (live - 1)
-        self.msgs += tx
-        self.gossip_bytes += tx * size
-
-    def at(self, t: float, *ev) -> None:
-        self.k += 1
-        self.heapq.heappush(self.events, (t, self.k, ev))
-
-    def announce(self, s: int, author: bytes) -> None:
-        q = self.logs[s].seq(author)
-        self.flood_cost(self.head_size)
-        d = self.dist(s)
-        pending = self.pending
-        for v in range(self.n):
-            if v != s and self.up[v] and d[v] < math.inf and self.logs[v].seq(author) < q:
-                t = self.now + d[v]
-                # A node acts on the first announcement of a head it lacks:
-                # an equal or older one arriving later is counted (above) but
-                # starts nothing (the daemon might start a second session:
-                # the model errs towards fewer sessions).
-                p = pending.get((v, author))
-                if p is not None and p[0] >= q and p[1] <= t:
-                    continue
-                pending[(v, author)] = (q, t)
-                self.at(t, "head", v, s, author, q)
-
-    # -- sync sessions --------------------------------------------------------------
-
-    def session(self, c: int, s: int, only=None) -> None:
-        from protocol.syncsession import sync_client, sync_server
-        staged = _Staged(self.logs[c])
-        frames, nbytes, waits = drive(sync_client(self.net, only=only), sync_server(self.net),
-                                      staged, self.logs[s])
-        self.sessions += 1
-        self.sync_frames += frames
-        self.sync_bytes += nbytes
-        rtt = 2 * self.adj[c].get(s, LINK_MS[1] / 1e3)
-        self.at(self.now + waits * rtt + nbytes / BANDWIDTH, "apply", c, staged.pending,
-                only.author if only is not None else None)
-
-    def on_head(self, v: int, origin: int, author: bytes, q: int) -> None:
-        p = self.pending.get((v, author))
-        if p is not None and p[0] == q and p[1] == self.now:
-            del self.pending[(v, author)]
-        if self.logs[v].seq(author) >= q:
-            return
-        from protocol.sync import Frontier
-        peers = [p for p in self.adj[v] if self.up[p]]
-        if not peers:
-            return
-        if origin in self.adj[v]:
-            if (v, origin, author) in self.inflight or not self.gates[v].allow(str(origin), self.now):
-                return
-            self.inflight.add((v, origin, author))
-            fr = self.logs[origin].frontiers().get(author)
-            self.session(v, origin, Frontier(author=author, seq=fr[0], head=fr[1]))
-        elif self.gates[v].allow("", self.now):
-            self.session(v, self.rnd.choice(peers))
-
-    def on_apply(self, v: int, entries: list[bytes], only_author) -> None:
-        if only_author is not None:
-            self.inflight = {x for x in self.inflight if not (x[0] == v and x[2] == only_author)}
-        if not self.up[v]:
-            return
-        before = {a: self.logs[v].seq(a) for a in {_Meta.of(d)[0] for d in entries}}
-        self.logs[v].insert_batch(entries)
-        for a in sorted(a for a, q in before.items() if self.logs[v].seq(a) > q)[:64]:
-            self.announce(v, a)
-
-    def on_ae(self, v: int) -> None:
-        if self.up[v]:
-            peers = sorted(p for p in self.adj[v] if self.up[p])
-            if peers:
-                self.session(v, peers[self.turn[v] % len(peers)])
-                self.turn[v] += 1
-        self.at(self.now + AE_INTERVAL * (0.75 + 0.5 * self.rnd.random()), "ae", v)
-
-    def on_return(self, v: int) -> None:
-        self.up[v] = True
-        self._dist.clear()
-        self._links = self.live_links()
-        for p in sorted(self.adj[v]):
-            if self.up[p]:
-                self.session(v, p)        # a new connection: sync with the peer
-
-    def run_until(self, done, limit: float = 3600.0) -> float | None:
-        while self.events:
-            t, _, ev = self.heapq.heappop(self.events)
-            if t > limit:
-                return None
-            self.now = t
-            getattr(self, "on_" + ev[0])(*ev[1:])
-            if done():
-                return t
-        return None
-
-
-def mesh_trial(n: int, burst: list[bytes], ad: bytes, head_size: int, net: bytes, seed: int) -> dict:
-    m = Mesh(n, seed, net)
-    m.head_size = head_size
-    m._links = m.live_links()
-    rnd = m.rnd
-    fig_ = {}
-    # An ad from a host: a flood; time until every node holds it.
-    src = rnd.randrange(n)
-    d = m.dist(src)
-    m.flood_cost(len(ad))
-    fig_["ad_time_s"] = max(d)
-    fig_["ad_msgs_per_node"] = m.msgs / n
-    # The burst: authored at the nodes whose accounts wrote it, churned nodes off.
-    m.msgs = m.gossip_bytes = 0
-    for v in rnd.sample(range(n), int(n * CHURN)):
-        m.up[v] = False
-        m.at(CHURN_BACK_S, "return", v)
-    m._dist.clear()
-    m._links = m.live_links()
-    authors = sorted({_Meta.of(e)[0] for e in burst})
-    home = {a: rnd.choice([v for v in range(n) if m.up[v]]) for a in authors}
-    for e in burst:
-        m.logs[home[_Meta.of(e)[0]]].insert_batch([e])
-    for v in range(n):
-        m.at(AE_INTERVAL * rnd.random(), "ae", v)
-    for a in authors:
-        m.announce(home[a], a)
-    total = len(burst)
-    stayed = [v for v in range(n) if m.up[v]]
-    t_up = m.run_until(lambda: all(m.logs[v].count == total for v in stayed))
-    fig_["burst_time_up_s"] = t_up
-    t_all = m.run_until(lambda: all(m.logs[v].count == total for v in range(n)))
-    fig_["burst_time_all_s"] = t_all if t_all is not None else t_up
-    fig_["burst_msgs_per_node"] = (m.msgs + m.sync_frames) / n
-    fig_["burst_gossip_msgs_per_node"] = m.msgs / n
-    fig_["burst_sync_frames_per_node"] = m.sync_frames / n
-    fig_["burst_sessions_per_node"] = m.sessions / n
-    entry_bytes = sum(map(len, burst))
-    fig_["bytes_per_node_per_entry"] = (m.gossip_bytes + m.sync_bytes) / n / total
-    fig_["sync_bytes_per_node"] = m.sync_bytes / n
-    fig_["gossip_bytes_per_node"] = m.gossip_bytes / n
-    fig_["overhead_per_entry_byte"] = (m.gossip_bytes + m.sync_bytes) / n / entry_bytes
-    return fig_
+def sim_trial(n: int, policy: str, n_burst: int) -> dict:
+    from tests.sim import scale as sim
+    from tests.sim.node import NodeConfig
+    cfg = NodeConfig(sync_interval_s=30.0, announce_interval_s=600.0, ad_ttl_s=3600, **POLICIES[policy])
+    mesh = sim.build(n, seed=n, cfg=cfg)
+    sim.settle(mesh)
+    ad = sim.measure_ad(mesh, host=sim.mesh_hosts(mesh)[0])
+    burst = sim.measure_burst(mesh, n_burst)
+    bm = burst["by_kind_messages"]
+    return {"complete": ad["complete"] and burst["complete"], "burst_entries": n_burst,
+            "ad_time_s": ad["time_s"], "ad_msgs_per_node": ad["messages_per_node"],
+            "burst_time_s": burst["time_s"], "burst_msgs_per_node": burst["messages_per_node"],
+            "burst_gossip_msgs_per_node": bm.get("gossip", 0) / n,
+            "burst_gossip_dups_per_node": bm.get("gossip_dup", 0) / n,
+            "burst_stream_msgs_per_node": bm.get("stream", 0) / n,
+            "burst_sessions_per_node": bm.get("stream_open", 0) / n,
+            "bytes_per_node_per_entry": burst["bytes_per_entry_per_node"],
+            "burst_gossip_bytes_per_node": burst["by_kind_bytes"].get("gossip", 0) / n,
+            "burst_stream_bytes_per_node": burst["by_kind_bytes"].get("stream", 0) / n}
 
 
 def part_mesh(quick: bool) -> None:
-    from protocol.mesh import HostAdvertisement
-    from protocol.sync import Frontier, HeadAnnouncement
-    sizes = (10, 100) if quick else (10, 100, 1_000)
-    n_burst = 2_000 if quick else 10_000
-    log(f"mesh: {sizes} nodes, a burst of {n_burst} entries ...")
-    # 20 accounts (all of them hosting) and the 7 verifiers: a busy spell of a few
-    # hosts, whose feeds every node must fetch. The model's cost grows with
-    # authors x nodes^2 (every node re-announces every author it fetched).
-    net, entries = bulk(n_burst, users=20, hosts=20, seed=6)
-    host = net.users[0]
-    ad = HostAdvertisement(net=net.net, host=host.public, capsule_id=bytes(32), kind="gguf",
-                           domain="general", tags=("chat",), price=MICRO, roles=("inference",),
-                           availability=90, max_concurrency=4, required_receipts=(),
-                           issued_at=T0, expires_at=T0 + 300, sig=b"",
-                           model="smollm2-135m-instruct", size_bytes=98_000_000,
-                           quantization="Q4_1").signed(host).encode()
-    head = HeadAnnouncement(net=net.net, frontier=Frontier(author=bytes(32), seq=99_999, head=bytes(32)),
-                            lamport=10**9).encode()
-    fig("mesh_burst_entries", n_burst)
-    fig("mesh_burst_authors", len({_Meta.of(e)[0] for e in entries}))
-    rows = {}
-    for n in sizes:
-        t = time.monotonic()
-        rows[n] = mesh_trial(n, entries, ad, len(head), net.net, seed=n)
-        log(f"  {n} nodes: {time.monotonic() - t:.1f} s of bench time")
-        for k, v in rows[n].items():
-            fig(f"n{n}_{k}", v)
-    part_mesh_batch(ad, len(head))
-    xs = list(sizes)
-    for k in ("ad_time_s", "ad_msgs_per_node", "burst_time_up_s", "burst_msgs_per_node",
-              "burst_sessions_per_node", "bytes_per_node_per_entry"):
-        ys = [rows[n][k] for n in xs]
-        if all(y and y > 0 for y in ys):
-            fig(f"exponent_{k}", slope(xs, ys))
-
-
-def part_sim(quick: bool, sizes_arg: str | None) -> None:
-    """The same ad and burst figures from the simulator of tests/sim/
-    (tests/sim/scale.py: the daemon's node logic on simulated streams and
-    gossip, with its own role mix and churn-free settle), where it is fast
-    enough: ``--engine sim`` or ``--engine both``."""
-    from tests.sim import scale as sim
-    sizes = tuple(int(x) for x in sizes_arg.split(",")) if sizes_arg else ((10, 100) if quick else (10, 100, 1_000))
-    n_burst = 1_000 if quick else 10_000
-    rows = {}
-    for n in sizes:
-        t = time.monotonic()
-        mesh = sim.build(n, seed=n)
-        sim.settle(mesh)
-        ad = sim.measure_ad(mesh, host=sim.mesh_hosts(mesh)[0])
-        burst = sim.measure_burst(mesh, n_burst)
-        log(f"  sim {n} nodes: {time.monotonic() - t:.1f} s of bench time")
-        rows[n] = {"ad_time_s": ad["time_s"], "ad_msgs_per_node": ad["messages_per_node"],
-                   "burst_time_s": burst["time_s"], "burst_msgs_per_node": burst["messages_per_node"],
-                   "bytes_per_node_per_entry": burst["bytes_per_entry_per_node"],
-                   "complete": ad["complete"] and burst["complete"]}
-        fig(f"sim_burst_entries_n{n}", n_burst)
-        for k, v in rows[n].items():
-            fig(f"sim_n{n}_{k}", v)
-    xs = [n for n in sizes if rows[n]["complete"]]
-    if len(xs) >= 2:
-        for k in ("ad_time_s", "ad_msgs_per_node", "burst_time_s", "burst_msgs_per_node",
-                  "bytes_per_node_per_entry"):
-            ys = [rows[n][k] for n in xs]
-            if all(y > 0 for y in ys):
-                fig(f"sim_exponent_{k}", slope(xs, ys))
-
-
-def part_mesh_batch(ad: bytes, head_size: int, n: int = 100) -> None:
-    """The same task load through the same mesh twice: as per-receipt entries
-    (a receipt and an ack per task) and as one batch entry per host (the
-    host's envelope around BatchHead.encode(): no entry kind exists for it
-    yet, and the mesh model never reads a body)."""
-    from protocol.entry import Entry as E
-    tasks, hosts, payers = 2_000, 20, 200
-    log(f"mesh: {tasks} tasks through {n} nodes, per-receipt against batched ...")
-    net, entries, receipts = task_log(tasks, hosts=hosts, payers=payers, seed=7)
-    by_host: dict[bytes, list] = {}
-    for r in receipts:
-        by_host.setdefault(r.host, []).append(r)
-    keys = {k.public: k for k in net.users[:hosts]}
-    batched = []
-    for i, (h, rs) in enumerate(sorted(by_host.items())):
-        body = rb.batch_of(rs).head.encode()
-        batched.append(E(net=net.net, author=h, seq=0, prev=b"", lamport=i + 1, ts=T0, kind="transfer",
-                         body=body, sig=b"").signed(keys[h]).encode())
-    for name, burst in (("per_receipt", entries), ("batched", batched)):
-        r = mesh_trial(n, burst, ad, head_size, net.net, seed=n)
-        fig(f"n{n}_{name}_entries_per_node", len(burst))
-        fig(f"n{n}_{name}_bytes_per_node", int(r["bytes_per_node_per_entry"] * len(burst)))
-        fig(f"n{n}_{name}_sync_bytes_per_node", int(r["sync_bytes_per_node"]))
-        fig(f"n{n}_{name}_gossip_bytes_per_node", int(r["gossip_bytes_per_node"]))
-        fig(f"n{n}_{name}_msgs_per_node", r["burst_msgs_per_node"])
-        fig(f"n{n}_{name}_time_up_s", r["burst_time_up_s"])
+    runs = {"today": TODAY_SIZES, "content": (10, 100) if quick else (10, 100, 1_000)}
+    for policy, sizes in runs.items():
+        log(f"mesh ({policy}: {POLICIES[policy]}): {sizes} nodes ...")
+        rows = {}
+        for n in sizes:
+            t = time.monotonic()
+            rows[n] = sim_trial(n, policy, burst_size(n, quick))
+            log(f"  {policy} {n} nodes: {time.monotonic() - t:.1f} s of bench time")
+            for k, v in rows[n].items():
+                fig(f"{policy}_n{n}_{k}", v)
+        xs = [n for n in sizes if rows[n]["complete"]]
+        if len(xs) >= 2:
+            for k in MESH_KEYS:
+                ys = [rows[n][k] for n in xs]
+                if all(y > 0 for y in ys):
+                    fig(f"{policy}_exponent_{k}", slope(xs, ys))
 
 
 def main() -> None:
@@ -719,9 +351,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10 and 100 nodes, smaller logs")
     ap.add_argument("--part", choices=("cost", "batch", "mesh"), action="append",
                     help="run only these parts (default: all)")
-    ap.add_argument("--engine", choices=("model", "sim", "both"), default="model",
-                    help="mesh figures from the bench's event model (default) or tests/sim/")
-    ap.add_argument("--sim-sizes", help="node counts for --engine sim, e.g. 10,100")
     args = ap.parse_args()
     parts = args.part or ["cost", "batch", "mesh"]
     t0 = time.monotonic()
@@ -729,10 +358,8 @@ def main() -> None:
         cost = part_cost(args.quick, Path(d)) if ("cost" in parts or "batch" in parts) else {}
     if "batch" in parts:
         part_batch(args.quick, cost)
-    if "mesh" in parts and args.engine in ("model", "both"):
+    if "mesh" in parts:
         part_mesh(args.quick)
-    if "mesh" in parts and args.engine in ("sim", "both"):
-        part_sim(args.quick, args.sim_sizes)
     log(f"done in {time.monotonic() - t0:.0f} s (load {os.getloadavg()[0]:.1f})")
     for name, v in FIGURES:
         print(f"{name}: {_fmt(v)}")

@@ -203,11 +203,3 @@ def is_encrypted(raw: bytes, name: str = "keystore") -> bool:
         raise AemError(KEYSTORE, f"keystore {name} is too large to be a keystore")
     return "seed" not in _parse(raw, name)
 
-
-def read_keystore(path: str, passphrase: str | None = None) -> SigningKey:
-    """Transitional, to be removed: tests/nodekit.py still imports this name
-    (a change requested of its owner). Use :func:`aemd.keyfile.read_keystore`,
-    which also refuses files open to group or others and special files."""
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_FILE_BYTES + 1)
-    return decode_keystore(raw, passphrase, str(path))

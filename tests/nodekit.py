@@ -19,7 +19,7 @@ from aemd import control
 from aemd.home import Home
 from aemd.identity import atomic_write, init_home
 from crypto.keys import SigningKey
-from crypto.keystore import read_keystore
+from aemd.keyfile import read_keystore
 from protocol.errors import AemError
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 

@@ -39,6 +39,11 @@ from tests.sim.drive import Runner
 from tests.sim.net import Network, Stream
 
 HEAD_SYNC_BURST = 8          # aemd/node.py
+# Decoded HeadAnnouncements by their bytes, shared by every node: decoding is
+# a pure function of the bytes (a frozen dataclass, never mutated), and the
+# same announcement reaches every node of a mesh.
+_HEADS: dict[bytes, HeadAnnouncement] = {}
+_HEADS_MAX = 200_000
 HEAD_SYNC_RATE = 0.5
 SYNC = "sync"
 
@@ -266,7 +271,12 @@ class SimNode:
             if topic == "heads":
                 if len(data) > HeadAnnouncement.MAX_SIZE:
                     return None
-                ann = HeadAnnouncement.decode(data)
+                ann = _HEADS.get(data)
+                if ann is None:
+                    ann = HeadAnnouncement.decode(data)      # raises on bad bytes: not memoised
+                    if len(_HEADS) >= _HEADS_MAX:
+                        _HEADS.clear()
+                    _HEADS[data] = ann
                 return ann if ann.net == self.netid else None
             if len(data) > self.genesis.limits.max_gossip_bytes:
                 return None
