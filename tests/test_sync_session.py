@@ -25,6 +25,7 @@ from protocol.session import Call, Recv, Send
 from protocol.sync import MAX_BATCH_BYTES, RangeRequest, RangeResponse, SyncDone, decode_sync_message
 from tests import sync_vectors
 from tests.ledgerkit import T0, TestNet
+from tests.test_ledger_sync_forks import _Stream
 
 SPEC = (Path(__file__).resolve().parent.parent / "specs" / "sync-protocol.md").read_text()
 VECTORS = sync_vectors.parse(SPEC)
@@ -229,17 +230,6 @@ def test_client_stops_at_the_request_limit(monkeypatch):
 
 
 # -- the shell's driver ---------------------------------------------------------------
-
-class _Stream:
-    def __init__(self, s) -> None:
-        self.s = s
-
-    async def read(self, n: int | None = None) -> bytes:
-        return await self.s.receive_some(n or 65536)
-
-    async def write(self, data: bytes) -> None:
-        await self.s.send_all(data)
-
 
 class _AsyncLog:
     def __init__(self, log) -> None:

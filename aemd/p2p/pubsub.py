@@ -125,30 +125,31 @@ class PubsubMixin:
             if node._config.penalize_invalid and forwarder != node._id:
                 node.penalize(forwarder.to_base58(), 1.0, f"invalid message on {topic}")
 
+        def verdict(forwarder: ID, msg: Any, ok: bool) -> bool:
+            if not ok:
+                rejected(forwarder)
+            else:
+                node._note_forwarder(msg, forwarder)
+            return ok
+
+        def raised() -> bool:
+            log.warning("validator for %s raised; message rejected", topic, exc_info=True)
+            return False
+
         if is_async:
             async def validator(forwarder: ID, msg: Any) -> bool:
                 try:
                     ok = bool(await fn(forwarder.to_base58(), bytes(msg.data)))  # type: ignore[misc]
                 except Exception:
-                    log.warning("validator for %s raised; message rejected", topic, exc_info=True)
-                    ok = False
-                if not ok:
-                    rejected(forwarder)
-                else:
-                    node._note_forwarder(msg, forwarder)
-                return ok
+                    ok = raised()
+                return verdict(forwarder, msg, ok)
         else:
             def validator(forwarder: ID, msg: Any) -> bool:  # type: ignore[misc]
                 try:
                     ok = bool(fn(forwarder.to_base58(), bytes(msg.data)))
                 except Exception:
-                    log.warning("validator for %s raised; message rejected", topic, exc_info=True)
-                    ok = False
-                if not ok:
-                    rejected(forwarder)
-                else:
-                    node._note_forwarder(msg, forwarder)
-                return ok
+                    ok = raised()
+                return verdict(forwarder, msg, ok)
 
         self._validators[topic] = fn
         self._pubsub.set_topic_validator(topic, validator, is_async)
