@@ -1,6 +1,6 @@
 """Benchmark: what the mesh's numbers say about many nodes (specs/scale.md).
 
-    python bench/sim_scale.py            # meshes of 10, 100 and 1,000 nodes (a few minutes)
+    python bench/sim_scale.py            # meshes of 10, 100 and 1,000 nodes (about 5 minutes)
     python bench/sim_scale.py --quick    # 10 and 100 nodes, under a minute
 
 Three parts, in one run:
@@ -271,7 +271,6 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-
 # The mesh part runs on the deterministic simulator of tests/sim/ (its
 # scale API, tests/sim/scale.py): the daemon's node logic (aemd/node.py,
 # mirrored in tests/sim/node.py) with the real sync sessions, signed ads and
@@ -283,7 +282,8 @@ def slope(xs: list[float], ys: list[float]) -> float:
 #   announcement for every author a sync session stored. Each node that
 #   fetches an author's entries re-announces that author's head, and each
 #   announcement floods the mesh, so gossip grows with N^2 x authors: run
-#   at the small sizes only (TODAY_SIZES).
+#   at the small sizes only (TODAY_SIZES; a 10,000-entry burst at 100 nodes
+#   takes several minutes).
 # * ``content``: the proposed content-addressed gossip id (H(bytes)):
 #   identical HeadAnnouncement bytes, re-announced by many nodes, are
 #   forwarded once. Run at every size.
@@ -296,8 +296,10 @@ MESH_KEYS = ("ad_time_s", "ad_msgs_per_node", "burst_time_s", "burst_msgs_per_no
 
 
 def burst_size(n: int, quick: bool) -> int:
-    """Entries in the burst at ``n`` nodes (scaled down at 1,000 nodes so the
-    full run stays within minutes; printed as ``*_burst_entries``)."""
+    """Entries in the burst at ``n`` nodes, printed as ``*_burst_entries``.
+    Above 100 nodes it is BIG_MESH_BURST: 10,000 as at the smaller sizes
+    (the 1,000-node mesh then takes about 4 min of the full run); lower it
+    to shorten the run."""
     if quick:
         return 1_000
     return 10_000 if n <= 100 else BIG_MESH_BURST
@@ -338,6 +340,9 @@ def part_mesh(quick: bool) -> None:
     runs = {"today": TODAY_SIZES, "content": (10, 100) if quick else (10, 100, 1_000)}
     for policy, sizes in runs.items():
         log(f"mesh ({policy}: {POLICIES[policy]}): {sizes} nodes ...")
+        note = " (O(N^2 x authors) head gossip: larger meshes take minutes)" if policy == "today" else ""
+        fig(f"mesh_{policy}_policy", ", ".join(f"{k}={v}" for k, v in POLICIES[policy].items()))
+        fig(f"mesh_{policy}_sizes", ",".join(map(str, sizes)) + note)
         rows = {}
         for n in sizes:
             t = time.monotonic()
