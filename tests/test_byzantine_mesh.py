@@ -325,8 +325,18 @@ async def _run(mesh, code_capsule: bytes, rnd: random.Random, facts: dict) -> No
             if overcharged:
                 await G.gossip("heads", HeadAnnouncement(net=net, frontier=Frontier(
                     author=greedy.public, seq=0, head=overcharged[0].id), lamport=0).encode())
-            st0 = await _call(payer, "status")
-            st1 = await _call(text_host, "status")
+            # A penalty lands when the staller's stream or head is judged, which can trail
+            # the tasks' end on a loaded machine: read each node once it has judged (bounded).
+            async def judged(node) -> dict:
+                async def status_if_judged():
+                    s = await _call(node, "status")
+                    return s if s["penalties"].get(st.peer_id) or st.peer_id in s["banned"] else None
+                try:
+                    return await until("the staller judged", status_if_judged, timeout=20)
+                except AssertionError:
+                    return await _call(node, "status")     # the assertion below names what was seen
+            st0 = await judged(payer)
+            st1 = await judged(text_host)
             facts["phase2"] = {"slowloris": dict(slowloris), "burst": sorted(burst),
                                "payer_on_staller": (st0["penalties"].get(st.peer_id), st.peer_id in st0["banned"]),
                                "text_host_on_staller": (st1["penalties"].get(st.peer_id),
