@@ -51,10 +51,8 @@ from protocol.receipts import Dispute
 from protocol.taskwire import MAX_CHUNK, TaskChunk, TaskRequest, TaskResult, task_protocol_id
 from protocol.task import (MAX_MESSAGES, MAX_PROMPT, Attempt, ChatMessage, InferenceWorkReceipt, ReceiptAck,
                            RouteTrace, SpendAuthorization, TaskPacket)
-from protocol.tasksession import (ACCEPT_BASE_S, ACCEPT_MIN_BYTES_PER_S, CHUNK_SLACK, CODE_PATCH_CHUNKS,  # noqa: F401
-                                  MAX_FORWARDED_CHUNKS, MAX_TOKEN_BYTES, REQUEST_READ_TIMEOUT_S, AdmissionFacts,
-                                  HostOutcome, Offer, PayerGone, Ran, RunFailed, accept_deadline, admit,
-                                  check_result, host_session, output_bound, payer_session, to_dispute)
+from protocol.tasksession import (AdmissionFacts, HostOutcome, Offer, PayerGone, Ran, RunFailed, accept_deadline,
+                                  admit, host_session, payer_session, to_dispute)
 
 log = logging.getLogger("aemd.tasks")
 

@@ -25,6 +25,7 @@ from aemd.hostbook import HostBook
 from aemd.meshview import MAX_ADS, MAX_CLOCK_SKEW_S, MeshTable, RateGate, lifetime_problem
 from crypto.hashing import H
 from crypto.keys import SigningKey
+from protocol import tasksession
 from protocol.errors import TIMEOUT, TOO_LARGE, AemError
 from protocol.genesis import DEFAULT_LIMITS
 from protocol.mesh import HostAdvertisement, NodeCard
@@ -576,7 +577,7 @@ async def test_fake_and_stalling_hosts_cost_one_short_timeout_then_nothing(tmp_p
     and one host that takes task streams and never answers (price 1) rank above
     the one honest host (price 100). The first task costs one acceptance
     deadline, the next none."""
-    from aemd import services, tasks
+    from aemd import services
     from aemd.config import load_config
     from aemd.node import Node, NodeOptions
     from protocol.sync import topic
@@ -658,7 +659,7 @@ async def test_fake_and_stalling_hosts_cost_one_short_timeout_then_nothing(tmp_p
             trace = svc.traces.get(first["task_id"][:16])
             assert [a.host for a in trace.attempts] == [stall_key.public, honest_key.public]
             assert trace.attempts[0].outcome == "timeout"
-            assert trace.attempts[0].elapsed_ms < 1000 * (tasks.ACCEPT_BASE_S + 5)
+            assert trace.attempts[0].elapsed_ms < 1000 * (tasksession.ACCEPT_BASE_S + 5)
             assert all(payer.hostbook.failures(k.public) >= 1 for k in fakes)   # dialled once, never tried
             with trio.fail_after(60):
                 second = await svc.submit(dict(args), noop)

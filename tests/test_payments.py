@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from crypto.hashing import H
 from ledger import reasons
 from ledger.replay import replay
-from protocol import errors
+from protocol import errors, tasksession
 from protocol.entry import make_entry
 from tests.ledgerkit import MICRO, T0, WINDOW, TestNet
 
@@ -435,8 +435,8 @@ def test_payer_refuses_an_overcharge_and_bounds_a_host_that_streams_forever(tmp_
                     await svc.submit(dict(base, domain="stream"), collect)
                 trace = svc.traces.get(cut.value.detail.split("trace ")[1][:16])
                 assert [a.outcome for a in trace.attempts] == ["too_large"]
-                max_bytes, max_chunks = tasks.output_bound(tasks.build_task(payer, dict(base, domain="stream")))
-                assert (max_bytes, max_chunks) == (4 * tasks.MAX_TOKEN_BYTES, 4 + tasks.CHUNK_SLACK)
+                max_bytes, max_chunks = tasksession.output_bound(tasks.build_task(payer, dict(base, domain="stream")))
+                assert (max_bytes, max_chunks) == (4 * tasksession.MAX_TOKEN_BYTES, 4 + tasksession.CHUNK_SLACK)
                 chunks = [e for e in events if e.get("event") == "chunk"]
                 assert len(chunks) <= max_chunks and sum(len(e["data"]) for e in chunks) <= max_bytes
                 # The host could only push what the stream's window held before the payer hung up.
