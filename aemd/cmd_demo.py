@@ -24,9 +24,9 @@ import trio
 from aemd.capsules import LocalCapsule, Serving, save_capsule
 from aemd.cliutil import fmt_credits
 from aemd.cmd_node import setup_logging
+from aemd.cmd_task import write_runner_spec
 from aemd.home import Home
 from aemd.identity import atomic_write, init_home
-from crypto.hashing import H
 from crypto.keys import SigningKey
 from protocol import errors
 from protocol.errors import AemError
@@ -68,12 +68,8 @@ def register_aemd(sub: argparse._SubParsersAction) -> None:
 
 
 def _code_capsule(key: SigningKey, net: bytes) -> ExpertCapsuleManifest:
-    from aemd.cmd_task import CODE_PATCH_ARTEFACT
-    return ExpertCapsuleManifest(
-        net=net, author=key.public, name="code-patch verifier", kind="code_patch",
-        content_hash=H(CODE_PATCH_ARTEFACT), size_bytes=0, architecture="", n_params=0, quantization="",
-        context_length=0, vram_need_mb=0, domain="python", tags=(), eval_claims=(),
-        created_at=int(time.time()), sig=b"").signed(key)
+    from aemd.cmd_task import code_patch_manifest
+    return code_patch_manifest(key, net, "python", (), "tests", "code-patch verifier")
 
 
 def _gguf_capsule(key: SigningKey, net: bytes, path: Path, name: str) -> ExpertCapsuleManifest:
@@ -124,7 +120,8 @@ def build_demo(root: Path, n: int) -> tuple[list[Home], Genesis]:
                                         Serving(path=str(model), price=CREDIT // 2, roles=("inference",),
                                                 max_concurrency=1)))
     save_capsule(homes[2], LocalCapsule(_code_capsule(keys[2], net),
-                                        Serving(path="", price=CREDIT // 4, roles=("code_patch",),
+                                        Serving(path=write_runner_spec(homes[2], "tests"), price=CREDIT // 4,
+                                                roles=("code_patch",),
                                                 max_concurrency=1)))
     return homes, genesis
 

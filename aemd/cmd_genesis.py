@@ -14,6 +14,7 @@ from aemd.keyfile import read_keystore, write_keystore
 from crypto.keys import SigningKey, is_valid_public
 from protocol import errors
 from protocol.errors import AemError
+from protocol.admission import DEFAULT_ADMISSION, AdmissionParams, DomainEvals, NodeClass
 from protocol.genesis import CREDIT_BASES, DEFAULT_LIMITS, Genesis, Grant, MintRate
 
 MICRO = 1_000_000
@@ -73,6 +74,25 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
                    help="most credits one contribution can mint (default 1000)")
     p.add_argument("--created-at", type=int, default=None, metavar="UNIX_SECONDS",
                    help="creation time (default: now)")
+    a = p.add_argument_group("admission (specs/admission.md; defaults in its section 1)")
+    a.add_argument("--gated", action="store_true",
+                   help="send ordinary tasks only to admitted experts (default: an open network, where "
+                        "admission reports are informative)")
+    a.add_argument("--admission-domain", action="append", default=[], metavar="DOMAIN=TARGET[,GENERAL[,BASELINE_BP]]",
+                   help="the eval sets (shipped name or 64-hex content hash) that judge a domain, and the target "
+                        "score to beat while no expert is admitted (default 0); e.g. "
+                        "general=general-target,general-facts (repeatable)")
+    a.add_argument("--probe-set", default="probes", metavar="NAME",
+                   help="eval set of fingerprint and trigger probes (default: the shipped 'probes')")
+    a.add_argument("--node-class", action="append", default=[], metavar="NAME=MB",
+                   help="a node class and its memory budget in MB (repeatable; replaces the defaults "
+                        "cpu=8192, gpu12=12288, gpu16=16384, gpu24=24576)")
+    a.add_argument("--min-gain-bp", type=int, metavar="BP", help="gate 1 threshold (default 100)")
+    a.add_argument("--max-regression-bp", type=int, metavar="BP", help="gate 2 threshold (default 1000)")
+    a.add_argument("--probation-share-bp", type=int, metavar="BP",
+                   help="share of tasks (basis points) that may go to candidates on probation (default 0)")
+    a.add_argument("--reeval-interval", type=int, metavar="SECONDS",
+                   help="scheduled re-evaluation of admitted experts (default 7 days; 0 off)")
     add_home(p)
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of the founder's keystore")
     add_json(p)
@@ -127,6 +147,7 @@ def _new(args: argparse.Namespace) -> int:
         max_mint_per_receipt=parse_credits(args.max_mint),
         limits=DEFAULT_LIMITS,
         sig=b"",
+        admission=admission_params(args),
     ).signed(founder)
     atomic_write(out, g.encode())
     if args.json:
@@ -135,6 +156,70 @@ def _new(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         print(f"network id {g.network_id.hex()}")
     return 0
+
+
+def _eval_hash(ref: str, what: str) -> bytes:
+    """A shipped eval set's (or code-patch fixture set's) hash, by name or hash."""
+    ref = ref.strip()
+    if len(ref) == 64:
+        try:
+            return bytes.fromhex(ref)
+        except ValueError:
+            pass
+    from aemd.evaluate import load_evalset
+    try:
+        return load_evalset(ref).hash
+    except AemError as first:
+        try:
+            from aemd.codepatch_capsule import load_fixtures
+            return load_fixtures(ref).hash
+        except (AemError, ImportError):
+            raise AemError(errors.BAD_VALUE, f"{what}: no eval set {ref!r} ({first.detail})") from None
+
+
+def _bp(v: int | None, default: int, what: str) -> int:
+    if v is None:
+        return default
+    if not 0 <= v <= 10_000:
+        raise AemError(errors.BAD_VALUE, f"{what} must be 0..10000 basis points")
+    return v
+
+
+def admission_params(args: argparse.Namespace) -> AdmissionParams:
+    d = DEFAULT_ADMISSION
+    domains = {}
+    for text in args.admission_domain:
+        name, eq, rest = text.partition("=")
+        parts = rest.split(",")
+        if not eq or not name or not 1 <= len(parts) <= 3 or not parts[0]:
+            raise AemError(errors.BAD_VALUE, f"--admission-domain {text!r}: want DOMAIN=TARGET[,GENERAL[,BASELINE_BP]]")
+        general = _eval_hash(parts[1], f"domain {name}") if len(parts) > 1 and parts[1] else b""
+        try:
+            baseline = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise AemError(errors.BAD_VALUE, f"--admission-domain {text!r}: BASELINE_BP is an integer") from None
+        domains[name] = DomainEvals(domain=name, target_eval=_eval_hash(parts[0], f"domain {name}"),
+                                    general_eval=general, baseline_bp=_bp(baseline, 0, "BASELINE_BP"),
+                                    general_baseline_bp=0)
+    classes = d.classes
+    if args.node_class:
+        found = {}
+        for text in args.node_class:
+            name, _, mb = text.partition("=")
+            try:
+                found[name] = NodeClass(name=name, memory_mb=int(mb))
+            except (ValueError, AemError):
+                raise AemError(errors.BAD_VALUE, f"--node-class {text!r}: want NAME=MB") from None
+        classes = tuple(found[n] for n in sorted(found))
+    interval = d.reeval_interval_s if args.reeval_interval is None else args.reeval_interval
+    return AdmissionParams(
+        admitted_only=bool(args.gated), min_gain_bp=_bp(args.min_gain_bp, d.min_gain_bp, "--min-gain-bp"),
+        max_regression_bp=_bp(args.max_regression_bp, d.max_regression_bp, "--max-regression-bp"),
+        near_duplicate_bp=d.near_duplicate_bp, max_trigger_divergence_bp=d.max_trigger_divergence_bp,
+        probation_share_bp=_bp(args.probation_share_bp, d.probation_share_bp, "--probation-share-bp"),
+        demote_margin_bp=d.demote_margin_bp, reeval_interval_s=interval, challenge_limit=d.challenge_limit,
+        probe_set=_eval_hash(args.probe_set, "--probe-set") if args.probe_set else b"",
+        classes=classes, domains=tuple(domains[n] for n in sorted(domains)))
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -150,6 +235,13 @@ def _show(args: argparse.Namespace) -> int:
     for v in g.verifiers:
         print(f"  {v.hex()}")
     print(f"challenge    {g.challenge_window} s")
+    a = g.admission
+    print(f"admission    {'gated: only admitted experts get traffic' if a.admitted_only else 'open'}; "
+          f"gain >= {a.min_gain_bp} bp, regression <= {a.max_regression_bp} bp")
+    print(f"classes      {', '.join(f'{c.name} {c.memory_mb} MB' for c in a.classes) or 'none'}")
+    for d in a.domains:
+        print(f"  domain {d.domain}: target {d.target_eval.hex()[:16]}, general "
+              f"{d.general_eval.hex()[:16] or '-'}, baseline {d.baseline_bp} bp")
     print(f"grants       {len(g.grants)}")
     for gr in g.grants:
         print(f"  {gr.account.hex()}  {fmt_credits(gr.amount)}")

@@ -64,6 +64,11 @@ def _start(args: argparse.Namespace) -> int:
         raise AemError(errors.CONFIG, f"{home.root} is a file, not a node home")
     key, genesis, cfg = load_node(home, read_passphrase(args.passphrase_file))
     setup_logging(args.log_level or cfg["node"]["log_level"])
+    if cfg["verifier"]["enabled"] and key.public not in genesis.verifiers:
+        # Before anything starts (even before the home lock): a config mistake, said once.
+        raise AemError(errors.CONFIG, f"[verifier] enabled = true in {home.config}, but this node's account "
+                                      f"{key.public.hex()[:16]}... is not one of the genesis verifiers; only "
+                                      "they measure capsules for admission (set enabled = false)")
     from aemd.node import HomeLock, Node, NodeOptions  # libp2p loads only for the daemon, not for aemctl
     with HomeLock(home):
         pass  # a second `aemd start` on a live home: one line now, before anything starts
@@ -71,6 +76,8 @@ def _start(args: argparse.Namespace) -> int:
     node = Node(home, key, genesis, NodeOptions.from_config(cfg, args.listen, args.bootstrap))
     from aemd import services  # task serving: executors, router, task protocol
     svc = services.install(node, cfg)
+    from aemd import verifier  # artefact serving, admission commands, the verifier role ([verifier])
+    verifier.install(node, cfg, svc.traces)
     from aemd import api  # the HTTP API, status page and metrics ([api]); a bad section stops here
     api.install(node, cfg, svc)
     try:

@@ -22,6 +22,7 @@ from aemd.identity import load_node
 from crypto.hashing import H
 from protocol import errors
 from protocol.errors import AemError
+from protocol.admission import DEFAULT_ADMISSION
 from protocol.mesh import ExpertCapsuleManifest
 from protocol.task import MAX_PATCH, MAX_PROMPT, MAX_REPO_TAR, MAX_TOKENS, TaskPacket
 
@@ -30,9 +31,6 @@ _TASK_FIELDS = dict(TaskPacket._schema())
 MAX_SEED = _TASK_FIELDS["seed"].hi
 MAX_TEMPERATURE_MILLI = _TASK_FIELDS["temperature_milli"].hi
 MAX_LATENCY_BUDGET_MS = _TASK_FIELDS["latency_budget_ms"].hi
-
-CODE_PATCH_ARTEFACT = b"aem code-patch verifier v1"
-
 
 def _home(args: argparse.Namespace) -> Home:
     return Home(resolve_home(args.home))
@@ -53,15 +51,27 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", nargs="?", metavar="FILE.gguf", help="the model file (omit with --code-patch)")
     p.add_argument("--code-patch", action="store_true",
                    help="host the code-patch verifier: runs a task's tests on its patch in a sandbox")
+    p.add_argument("--judge", choices=("tests", "applies"), default="tests",
+                   help="code-patch: how a patch is judged: run the tests (default), or pass any patch that "
+                        "applies without running them (cheaper; admission measures how well it agrees "
+                        "with labelled fixtures)")
     p.add_argument("--domain", required=True, help="the task domain it serves, e.g. general, python")
     p.add_argument("--tags", nargs="*", default=[], help="capability tags")
     p.add_argument("--price", required=True, metavar="CREDITS", help="price per task in credits")
     p.add_argument("--name", help="a display name (default: the file name)")
     p.add_argument("--max-concurrency", type=int, default=1, help="tasks served at once, 1..1024 (default 1)")
+    p.add_argument("--class", dest="node_class", metavar="NAME",
+                   help="the genesis node class the capsule claims to fit (its memory budget; admission "
+                        "gate 5 checks it); default: the smallest class whose budget covers the estimate")
+    p.add_argument("--submit", action="store_true",
+                   help="then submit it for admission (as `aemctl expert submit`; needs a running node)")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted identity")
     add_home(p)
     add_json(p)
     p.set_defaults(func=_expert_add)
+
+    from aemd.cmd_admission import register_expert
+    register_expert(esub)
 
     p = esub.add_parser("list", help="the capsules this node hosts")
     add_home(p)
@@ -121,17 +131,16 @@ def _notify(home: Home) -> bool:
         raise
 
 
-def make_manifest(key, net: bytes, args: argparse.Namespace, cfg: dict) -> tuple[ExpertCapsuleManifest, str]:
+def make_manifest(key, net: bytes, args: argparse.Namespace, cfg: dict,
+                  admission=DEFAULT_ADMISSION) -> tuple[ExpertCapsuleManifest, str]:
     domain, tags = args.domain, tuple(args.tags)
     if args.code_patch:
         if args.file:
             raise AemError(errors.BAD_VALUE, "--code-patch takes no model file")
-        m = ExpertCapsuleManifest(
-            net=net, author=key.public, name=args.name or f"code-patch verifier ({domain})", kind="code_patch",
-            content_hash=H(CODE_PATCH_ARTEFACT), size_bytes=0, architecture="", n_params=0, quantization="",
-            context_length=0, vram_need_mb=0, domain=domain, tags=tags, eval_claims=(),
-            created_at=int(time.time()), sig=b"")
-        return m.signed(key), ""
+        return code_patch_manifest(key, net, domain, tags, getattr(args, "judge", "tests"),
+                                   args.name or f"code-patch verifier ({domain})"), ""
+    if getattr(args, "judge", "tests") != "tests":
+        raise AemError(errors.BAD_VALUE, "--judge goes with --code-patch")
     if not args.file:
         raise AemError(errors.BAD_VALUE, "give a GGUF file, or --code-patch")
     from aemd.executors import estimate_memory_mb, inspect_gguf
@@ -154,8 +163,46 @@ def make_manifest(key, net: bytes, args: argparse.Namespace, cfg: dict) -> tuple
         net=net, author=key.public, name=(args.name or path.name)[:200], kind="gguf",
         content_hash=info.content_hash, size_bytes=info.size_bytes, architecture=info.architecture[:64],
         n_params=info.n_params, quantization=info.quantization[:32], context_length=info.context_length or 0,
-        vram_need_mb=need, domain=domain, tags=tags, eval_claims=(), created_at=int(time.time()), sig=b"")
+        vram_need_mb=need, domain=domain, tags=tags, eval_claims=(), created_at=int(time.time()), sig=b"",
+        node_class=_node_class(args, admission, need))
     return m.signed(key), str(path)
+
+
+def _node_class(args: argparse.Namespace, admission, need_mb: int) -> str:
+    """The class named by --class (one of the genesis's), else the smallest
+    that covers the estimate; "" when none does (the capsule can still be
+    served, but not admitted)."""
+    names = [c.name for c in admission.classes]
+    if getattr(args, "node_class", None):
+        if admission.node_class(args.node_class) is None:
+            raise AemError(errors.BAD_VALUE, f"--class {args.node_class!r} is not a node class of this network "
+                                             f"({', '.join(names) or 'it defines none'})")
+        return args.node_class
+    c = admission.smallest_class_for(need_mb)
+    return c.name if c is not None else ""
+
+
+def code_patch_manifest(key, net: bytes, domain: str, tags: tuple, judge: str, name: str) -> ExpertCapsuleManifest:
+    """A code-patch verifier capsule: its artefact is the runner spec (which
+    judge it applies), its manifest carries the default patch policy
+    (specs/admission-codepatch.md)."""
+    from aemd.codepatch_capsule import default_patch_policy, runner_spec_bytes
+    spec = runner_spec_bytes(judge)
+    return ExpertCapsuleManifest(
+        net=net, author=key.public, name=name[:200], kind="code_patch", content_hash=H(spec),
+        size_bytes=len(spec), architecture="", n_params=0, quantization="", context_length=0, vram_need_mb=0,
+        domain=domain, tags=tags, eval_claims=(), created_at=int(time.time()), sig=b"", node_class="cpu",
+        patch_policy=(default_patch_policy(),)).signed(key)
+
+
+def write_runner_spec(home: Home, judge: str) -> str:
+    """The runner spec file a code-patch capsule serves (its artefact)."""
+    from aemd.codepatch_capsule import runner_spec_bytes
+    from aemd.identity import atomic_write
+    home.capsules.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home.capsules / f"runner-{judge}.json"
+    atomic_write(path, runner_spec_bytes(judge))
+    return str(path)
 
 
 MAX_CONCURRENCY = 1024     # HostAdvertisement.max_concurrency's wire bound
@@ -163,7 +210,8 @@ MAX_CONCURRENCY = 1024     # HostAdvertisement.max_concurrency's wire bound
 
 def _same_capsule(a: ExpertCapsuleManifest, b: ExpertCapsuleManifest) -> bool:
     """The same expert offered the same way: adding it again is not a new capsule."""
-    return (a.kind, a.content_hash, a.domain, a.tags, a.author) == (b.kind, b.content_hash, b.domain, b.tags, b.author)
+    return ((a.kind, a.content_hash, a.domain, a.tags, a.author, a.node_class)
+            == (b.kind, b.content_hash, b.domain, b.tags, b.author, b.node_class))
 
 
 def _expert_add(args: argparse.Namespace) -> int:
@@ -172,8 +220,10 @@ def _expert_add(args: argparse.Namespace) -> int:
     if not 1 <= args.max_concurrency <= MAX_CONCURRENCY:
         raise AemError(errors.BAD_VALUE, f"--max-concurrency must be 1..{MAX_CONCURRENCY}")
     price = parse_credits(args.price)
-    manifest, path = make_manifest(key, genesis.network_id, args, cfg)
+    manifest, path = make_manifest(key, genesis.network_id, args, cfg, genesis.admission)
     roles = ("code_patch",) if manifest.kind == "code_patch" else ("inference",)
+    if manifest.kind == "code_patch":
+        path = write_runner_spec(home, args.judge)
     serving = Serving(path=path, price=price, roles=roles, max_concurrency=args.max_concurrency)
     # Idempotent: the same expert (kind, content, domain, tags) keeps its
     # capsule id; only its serving settings (price, concurrency, path) change.
@@ -195,8 +245,16 @@ def _expert_add(args: argparse.Namespace) -> int:
         elif state == "updated":
             save_capsule(home, existing)
         raise
+    submitted = None
+    if getattr(args, "submit", False):
+        if not live:
+            raise AemError(errors.NO_NODE, f"capsule {cap.id.hex()} saved, but --submit needs a running node: "
+                                           "start it, then `aemctl expert submit`")
+        from aemd.cmd_admission import submit_capsule
+        submitted, _ = submit_capsule(home, cap.id.hex(), quiet=True)
     if args.json:
-        print_json({"capsule_id": cap.id, "manifest": manifest.to_map(), "advertised": live, "state": state})
+        print_json({"capsule_id": cap.id, "manifest": manifest.to_map(), "advertised": live, "state": state,
+                    "submitted": submitted})
     else:
         note = {"added": "", "updated": " (already hosted: settings updated)",
                 "unchanged": " (already hosted: nothing changed)"}[state]
@@ -207,6 +265,8 @@ def _expert_add(args: argparse.Namespace) -> int:
                   f"needs ~{manifest.vram_need_mb} MB")
         print("  advertised now" if live else
               "  saved; no node is running: it will be advertised when the node starts")
+        if submitted is not None:
+            print(f"  submitted for admission ({submitted['status']}); `aemctl experts --status` follows it")
     return 0
 
 

@@ -108,6 +108,21 @@ class ApiConfig(_Section):
 
 
 @dataclass(frozen=True, eq=False)
+class ArtefactsConfig(_Section):
+    direct: bool = True
+    direct_port: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class VerifierConfig(_Section):
+    enabled: bool = False
+    poll_s: int = 10
+    fetch_timeout_s: int = 1800
+    max_artefact_mb: int = 32768
+    eval_threads: int = 0
+
+
+@dataclass(frozen=True, eq=False)
 class Config(_Section):
     """The whole config; every default is the one :data:`TEMPLATE` documents."""
 
@@ -118,6 +133,8 @@ class Config(_Section):
     llama: LlamaConfig = field(default_factory=LlamaConfig)
     codepatch: CodepatchConfig = field(default_factory=CodepatchConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    artefacts: ArtefactsConfig = field(default_factory=ArtefactsConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -198,6 +215,32 @@ listen = "127.0.0.1:8411"
 token = ""
 # Most a task may cost, in credits, when a request names no aem_max_price.
 max_price = "1"
+
+[artefacts]
+# Verifiers fetch the artefacts (model files) of capsules submitted for
+# admission from their host. The request, its checks and a one-time token go
+# over the encrypted libp2p stream; with direct = true the file's bytes then
+# flow over a plain TCP connection to direct_port (0: any free port; the
+# host names it in the stream), about 5x faster than a libp2p stream. The
+# bytes are checked against the manifest's hash either way, and a verifier
+# that cannot reach the port fetches over the stream. It binds where the
+# node's first IPv4 listen address does.
+direct = true
+direct_port = 0
+
+[verifier]
+# Measure submitted expert capsules against the admission gates and sign
+# AdmissionReports (specs/admission.md). Only a node whose account is one of
+# the genesis verifiers may turn this on; `aemd start` refuses otherwise.
+enabled = false
+# How often to look for capsules to measure (a submission also wakes it).
+poll_s = 10
+# Longest one artefact fetch may take, and the largest artefact fetched at
+# all (besides the limit of the node class a capsule claims).
+fetch_timeout_s = 1800
+max_artefact_mb = 32768
+# CPU threads for evals (0: llama.cpp's default). Figures do not depend on it.
+eval_threads = 0
 """
 
 

@@ -7,6 +7,7 @@ RouteTrace can record exactly why a host was chosen and a test can check it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.mesh import HostAdvertisement, NodeCard
@@ -40,13 +41,16 @@ def score(ad: HostAdvertisement, task: TaskPacket, card: NodeCard | None, rep: R
 
 def rank(ads: list[HostAdvertisement], task: TaskPacket, *, cards: dict[bytes, NodeCard],
          reputation: dict[bytes, Reputation], self_key: bytes, now: int, locality: str = "",
-         admitted: set[bytes] | None = None,
+         admitted: Mapping[bytes, bytes] | None = None,
          limit: int | None = MAX_CANDIDATES) -> list[tuple[HostAdvertisement, Candidate]]:
     """The hosts that can do ``task``, best first (ties broken by host key).
 
     A host qualifies when its ad is unexpired, for the task's domain and kind,
     carries every tag the task asks for, costs at most the task's max price,
-    and (when ``admitted`` is given) is for an admitted capsule. At most
+    and (when ``admitted`` is given: capsule id -> its author, from the
+    admission replay) is for an admitted capsule, advertised by the host
+    that authored it (another host's word that it serves the same file is
+    not what the verifiers measured). At most
     ``limit`` (None: all; the payer filters by its hostbook first, then cuts,
     so unreachable hosts cannot crowd reachable ones out of the list).
     """
@@ -56,7 +60,7 @@ def rank(ads: list[HostAdvertisement], task: TaskPacket, *, cards: dict[bytes, N
         if (ad.expires_at <= now or ad.domain != task.domain or ad.kind != want_kind
                 or ad.host == self_key or ad.price > task.max_price
                 or not set(task.tags) <= set(ad.tags)
-                or (admitted is not None and ad.capsule_id not in admitted)):
+                or (admitted is not None and admitted.get(ad.capsule_id) != ad.host)):
             continue
         sc = score(ad, task, cards.get(ad.host), reputation.get(ad.host, Reputation()), locality)
         out.append((ad, Candidate(host=ad.host, capsule_id=ad.capsule_id, price=ad.price, score=sc)))

@@ -32,6 +32,7 @@ class NodeTaskEnv:
         self.mesh = node.mesh
         self.hostbook = node.hostbook
         self.traces_path: Path = node.home.root / "traces.sqlite"
+        self.admission_params = node.genesis.admission
 
     @property
     def capsules(self) -> list:
@@ -53,6 +54,9 @@ class NodeTaskEnv:
 
     async def append(self, obj: Any) -> Any:
         return await self._node.append(obj)
+
+    async def admission(self) -> Any:
+        return await self._node.store.admission()
 
     def set_load(self, percent: int) -> None:
         self._node.load = percent

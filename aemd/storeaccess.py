@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import trio
 
+from ledger.admission import AdmissionState, admission_of_applied
 from ledger.replay import ReplayResult
 from ledger.store import LogStore, Status
 from protocol import errors
@@ -29,6 +30,7 @@ class StoreAccess:
         # entries each insert from a peer newly stored: how the payer's node
         # sees receipts for its spend keys arrive (aemd/tasks.py).
         self.on_insert: Callable[[list[bytes]], None] | None = None
+        self._admission: tuple[tuple, AdmissionState] | None = None
 
     @classmethod
     def open(cls, path: Path, genesis: Genesis) -> "StoreAccess":
@@ -84,6 +86,21 @@ class StoreAccess:
             res = await trio.to_thread.run_sync(self.store.replay, as_of)
             self.observe_replay(time.perf_counter() - t)
         return res
+
+    async def admission(self) -> AdmissionState:
+        """The admission replay of the stored log (``ledger/admission.py``),
+        over every applied entry the store holds. Cached: recomputed only
+        when the store's marker says the applied manifests and reports may
+        have changed, and then from those entries alone."""
+        return await self._run(self._admission_now)
+
+    def _admission_now(self) -> AdmissionState:
+        # The marker first: an insert between the two reads then costs one
+        # recomputation more, never a stale state under a newer marker.
+        mark = self.store.admission_marker()
+        if self._admission is None or self._admission[0] != mark:
+            self._admission = (mark, admission_of_applied(self.store.genesis, self.store.admission_entries()))
+        return self._admission[1]
 
     async def close(self) -> None:
         async with self._lock:

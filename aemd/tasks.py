@@ -94,8 +94,10 @@ class TaskEnv(Protocol):
     hostbook: Any
     p2p: TaskNet
     traces_path: Path
+    admission_params: Any                         # the genesis's AdmissionParams
 
     def now(self) -> int: ...
+    async def admission(self) -> Any: ...         # the admission replay (ledger/admission.py)
     async def ledger(self, now: int) -> Any: ...  # the replay at ``now``
     async def append(self, obj: Any) -> Any: ...
     def set_load(self, percent: int) -> None: ...
@@ -354,8 +356,9 @@ class TaskService:
             cc = self.cfg["codepatch"]
             limits = Limits(wall_s=float(cc["timeout_s"]), memory_mb=cc["memory_mb"], nproc=cc["max_procs"],
                             cpu_s=max(1, int(cc["timeout_s"])))
+            judge, policy = await trio.to_thread.run_sync(_code_patch_runner, cap)
             report = await arun_code_patch(task.repo_tar, task.patch, task.test_cmd, limits=limits,
-                                           limiter=self._limiter(cap))
+                                           limiter=self._limiter(cap), judge=judge, policy=policy)
             output = report_bytes(report)
             await write_frame(stream, TaskChunk(data=output[:MAX_CHUNK]).encode())
             return output, 0
@@ -421,13 +424,14 @@ class TaskService:
         ledger = await node.ledger(now)
         reputation = {h: router.Reputation(settled=s, challenged=v)
                       for h, (s, v) in ledger.receipt_record().items()}
+        admitted = await self._routable_capsules(task)
         ranked = router.rank(list(node.mesh.ads.values()), task, cards=node.mesh.cards,
                              reputation=reputation, self_key=node.key.public, now=now,
-                             locality=str(node.capacity.get("locality", "")), limit=None)
+                             locality=str(node.capacity.get("locality", "")), admitted=admitted, limit=None)
         node.hostbook.note_receipts({h: s for h, (s, _v) in ledger.receipt_record().items()})
         ranked = await routable(node, ranked, now)   # reachable and not backing off (hostbook)
         if not ranked:
-            raise AemError(errors.NOT_FOUND, no_host_detail(node, task, now))
+            raise AemError(errors.NOT_FOUND, no_host_detail(node, task, now, admitted))
         funds = ledger.available(node.key.public)
         cheapest = min(c.price for _, c in ranked)
         if funds < cheapest:
@@ -480,7 +484,7 @@ class TaskService:
         return {
             "task_id": task.id.hex(), "host": receipt.host.hex(), "peer_id": p2p.peer_id_from_public(receipt.host),
             "price": receipt.charge, "receipt_id": receipt.id.hex(), "tokens_out": result.tokens_out,
-            "output": result.output, "attempts": len(attempts),
+            "output": result.output, "attempts": len(attempts), "capsule_id": receipt.capsule_id.hex(),
         }
 
     def _budget(self, task: TaskPacket) -> float:
@@ -492,6 +496,21 @@ class TaskService:
         return SpendAuthorization(net=self.env.net, payer=self.env.key.public, host=host,
                                   spend_key=spend_key, task_hash=task.id, max_charge=price,
                                   expires_at=self.env.now() + SPEND_AUTH_TTL_S, sig=b"").signed(self.env.key)
+
+    async def _routable_capsules(self, task: TaskPacket) -> dict[bytes, bytes] | None:
+        """Capsule id -> author of the capsules this task may go to, when the
+        genesis sends ordinary traffic only to admitted experts (None: any).
+        A task drawn into the probation share (by its id, so the draw is the
+        same on every retry) may also go to candidates on probation."""
+        params = self.env.admission_params
+        if not params.admitted_only:
+            return None
+        state = await self.env.admission()
+        allowed = dict(state.admitted())
+        if params.probation_share_bp and int.from_bytes(task.id[:4], "big") % 10_000 < params.probation_share_bp:
+            for cid, author in state.probation().items():
+                allowed.setdefault(cid, author)
+        return allowed
 
     async def _attempt(self, ad, cand, task: TaskPacket, spend_key: bytes, emit: Emit) -> TaskResult:
         node = self.env
@@ -690,13 +709,19 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def no_host_detail(node: TaskEnv, task: TaskPacket, now: int) -> str:
+def no_host_detail(node: TaskEnv, task: TaskPacket, now: int,
+                   admitted: dict[bytes, bytes] | None = None) -> str:
     """Why no host qualifies, in credits: when hosts serve the task but all ask
-    more than the task's max price, name the cheapest ask."""
+    more than the task's max price, name the cheapest ask; when hosts serve
+    it but none with an admitted capsule, say so."""
     what = f"no host in the mesh serves {task.kind} tasks in domain {task.domain!r}"
-    asks = [ad.price for ad in node.mesh.ads.values()
-            if ad.expires_at > now and ad.domain == task.domain and ad.kind == router.KIND_FOR_TASK[task.kind]
-            and ad.host != node.key.public and set(task.tags) <= set(ad.tags)]
+    serving = [ad for ad in node.mesh.ads.values()
+               if ad.expires_at > now and ad.domain == task.domain and ad.kind == router.KIND_FOR_TASK[task.kind]
+               and ad.host != node.key.public and set(task.tags) <= set(ad.tags)]
+    if admitted is not None and serving and not any(admitted.get(ad.capsule_id) == ad.host for ad in serving):
+        return (f"{what} with an admitted expert capsule ({len(serving)} host(s) serve capsules not admitted; "
+                "`aemctl experts --status` shows why)")
+    asks = [ad.price for ad in serving]
     if asks:
         return (f"{what} at a price up to {fmt_credits(task.max_price)} credits; "
                 f"the cheapest asks {fmt_credits(min(asks))} (raise --max-price)")
@@ -705,6 +730,22 @@ def no_host_detail(node: TaskEnv, task: TaskPacket, now: int) -> str:
 
 def _ram_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+
+
+def _code_patch_runner(cap: LocalCapsule) -> tuple[str, Any]:
+    """The judge (from the capsule's runner spec, its artefact) and the patch
+    policy (from its manifest) a code-patch capsule runs tasks with. A
+    capsule made before runner specs existed runs the tests, with no policy."""
+    from aemd.codepatch_capsule import parse_runner_spec
+    judge = "tests"
+    if cap.serving.path:
+        try:
+            with open(cap.serving.path, "rb") as fh:
+                judge = parse_runner_spec(fh.read(4096)).judge
+        except OSError as exc:
+            raise AemError(errors.UNAVAILABLE, f"the capsule's runner spec is unreadable: {exc.strerror}") from None
+    policy = cap.manifest.patch_policy[0] if cap.manifest.patch_policy else None
+    return judge, policy
 
 
 def report_bytes(report) -> bytes:

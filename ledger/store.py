@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from crypto.hashing import H
+from ledger.admission import KINDS as ADMISSION_KINDS
 from ledger.facts import (FACTS_VERSION, Context, Fact, as_bytes, check_envelope, examine,
                           examine_entry, lamport_fits, local_clock_cap, pack_fact, unpack_fact)
 from ledger.feeds import links
@@ -51,6 +52,8 @@ CHECKPOINT_EVERY = 1_000        # new entries between two saved checkpoints (or 
 MAX_RANGE = 10_000
 
 LINKED, HELD, BROKEN = 0, 1, 2
+# The entry kinds the admission replay reads, indexed so that it reads those alone.
+_ADMISSION_WHERE = "kind IN (" + ", ".join(f"'{k}'" for k in ADMISSION_KINDS) + ")"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -63,7 +66,8 @@ CREATE TABLE IF NOT EXISTS entries (
     lamport INTEGER NOT NULL,
     state INTEGER NOT NULL,
     data BLOB NOT NULL,
-    fact BLOB NOT NULL
+    fact BLOB NOT NULL,
+    kind TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_author_seq ON entries (author, seq);
 CREATE INDEX IF NOT EXISTS entries_lamport ON entries (lamport);
@@ -153,6 +157,7 @@ class LogStore:
             if not meta:
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("schema", SCHEMA_VERSION), ("net", net), ("facts", FACTS_VERSION)])
+                self._migrate_kind()
                 return
             if meta.get("schema") != SCHEMA_VERSION:
                 raise AemError(errors.STORE, f"{self.path}: store schema {meta.get('schema')} "
@@ -161,6 +166,7 @@ class LogStore:
                 raise AemError(errors.WRONG_NETWORK, f"{self.path} holds another network's log")
             if meta.get("facts") != FACTS_VERSION:
                 self._refresh_facts()
+            self._migrate_kind()
             if (self._db.execute("SELECT 1 FROM heads LIMIT 1").fetchone() is None
                     and self._db.execute("SELECT 1 FROM entries WHERE state = 0 LIMIT 1").fetchone()):
                 # A store written before the heads table existed.
@@ -168,6 +174,19 @@ class LogStore:
                     "INSERT INTO heads SELECT author, seq, MIN(id) FROM entries e WHERE state = 0 AND "
                     "seq = (SELECT MAX(seq) FROM entries WHERE author = e.author AND state = 0) "
                     "GROUP BY author")
+
+    def _migrate_kind(self) -> None:
+        """Give every entry its ``kind`` column: a store written before the
+        column existed gets it here, and rows an older version inserted
+        without it are filled in from their facts."""
+        db = self._db
+        if "kind" not in {r[1] for r in db.execute("PRAGMA table_info(entries)")}:
+            db.execute("ALTER TABLE entries ADD COLUMN kind TEXT")
+        db.execute(f"CREATE INDEX IF NOT EXISTS entries_admission ON entries (kind, state) "
+                   f"WHERE {_ADMISSION_WHERE}")
+        rows = db.execute("SELECT rowid, fact FROM entries WHERE kind IS NULL").fetchall()
+        db.executemany("UPDATE entries SET kind = ? WHERE rowid = ?",
+                       [(unpack_fact(f).kind, r) for r, f in rows])
 
     def _refresh_facts(self) -> None:
         """Recompute every stored fact (after an upgrade changed their form)."""
@@ -293,9 +312,9 @@ class LogStore:
             if total >= MAX_HELD or mine >= MAX_HELD_PER_AUTHOR:
                 return InsertResult(Status.REJECTED, eid, errors.REFUSED)
         fact = examine_entry(e, eid, self.ctx)
-        db.execute("INSERT INTO entries (id, author, seq, prev, lamport, state, data, fact) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (eid, e.author, e.seq, e.prev, e.lamport, state, data, pack_fact(fact)))
+        db.execute("INSERT INTO entries (id, author, seq, prev, lamport, state, data, fact, kind) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (eid, e.author, e.seq, e.prev, e.lamport, state, data, pack_fact(fact), e.kind))
         if state == HELD:
             return InsertResult(Status.HELD, eid)
         forked, promoted = self._linked(e.author, e.seq, eid, e.lamport)
@@ -413,6 +432,28 @@ class LogStore:
     def facts(self) -> list[Fact]:
         with self._lock:
             return [unpack_fact(r[0]) for r in self._db.execute("SELECT fact FROM entries ORDER BY rowid")]
+
+    # -- admission ----------------------------------------------------------------
+
+    def admission_marker(self) -> tuple[int, int, int]:
+        """Changes whenever the applied manifests and admission reports may
+        have: linked entries of those kinds only ever grow in number, and a
+        fork is only ever added or moved down."""
+        with self._lock:
+            n = self._db.execute(f"SELECT COUNT(*) FROM entries WHERE {_ADMISSION_WHERE} "
+                                 "AND state = 0").fetchone()[0]
+            k, s = self._db.execute("SELECT COUNT(*), COALESCE(SUM(seq), 0) FROM forks").fetchone()
+        return n, k, s
+
+    def admission_entries(self) -> list[tuple[Fact, bytes]]:
+        """(fact, bytes) of the linked manifest and admission entries below
+        their author's fork: those of the applied feeds as of any time
+        (``ledger.admission.admission_of_applied`` takes them as they are)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT e.fact, e.data FROM entries e LEFT JOIN forks k ON k.author = e.author "
+                f"WHERE e.{_ADMISSION_WHERE} AND e.state = 0 AND (k.seq IS NULL OR e.seq < k.seq)").fetchall()
+        return [(unpack_fact(f), d) for f, d in rows]
 
     # -- replay -----------------------------------------------------------------
 

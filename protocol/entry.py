@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from protocol import errors
 from protocol.errors import AemError
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
+from protocol.admission import AdmissionReport
+from protocol.receipts import Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import HASH, HASH_OR_EMPTY, KEY, SIG, TIME, Bytes, Signed, Str, UInt, f
 from protocol.task import InferenceWorkReceipt, ReceiptAck
 

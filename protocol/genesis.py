@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dataclasses
+
 from crypto.hashing import H
+from protocol.admission import DEFAULT_ADMISSION, AdmissionParams
 from protocol import errors
 from protocol.errors import AemError
 from protocol.schema import (AMOUNT, KEY, NAME, SIG, TIME, ListOf, Obj, Signed, Str,
@@ -74,6 +77,11 @@ class Genesis(Signed):
     max_mint_per_receipt: int = f(AMOUNT)
     limits: Limits = f(Obj(Limits))
     sig: bytes = f(SIG)
+    # The admission gates' thresholds, node classes and eval sets
+    # (specs/admission.md §1). Required on the wire; a default only so code
+    # building a genesis need not name it.
+    admission: AdmissionParams = dataclasses.field(default=DEFAULT_ADMISSION,
+                                                   metadata={"kind": Obj(AdmissionParams)})
 
     def network(self) -> bytes:
         return b""  # the genesis defines the network id, so it cannot name it

@@ -90,6 +90,31 @@ class EvalClaim(WireObject):
     score_bp: int = f(UInt(0, 10_000))    # basis points
 
 
+TEACHER_TERMS = ("allowed", "non_competing", "forbidden")
+JUDGES = ("tests", "applies")
+
+
+@dataclass(frozen=True)
+class PatchPolicy(WireObject):
+    """What a code-patch capsule lets a patch touch: the paths it may change,
+    the largest diff, and the paths that judge it (its tests, the test
+    command's files), which a patch may never touch (specs/admission.md §2.6)."""
+    allowed_paths: tuple = f(ListOf(Str(256), 32, unique=True))     # path prefixes
+    protected_paths: tuple = f(ListOf(Str(256), 32, unique=True))   # path prefixes
+    max_diff_bytes: int = f(UInt(1, 1 << 20))
+
+
+@dataclass(frozen=True)
+class TeacherPolicyCard(WireObject):
+    """The terms under which a teacher model's outputs may be distilled into
+    a capsule; only ``allowed`` admits a capsule into an open mesh (aem's
+    experts compete with the teacher's own service)."""
+    teacher: str = f(Str(128))
+    licence: str = f(Str(64))
+    distillation: str = f(Str(16, choices=TEACHER_TERMS))
+    terms: str = f(TEXT)
+
+
 @dataclass(frozen=True)
 class ExpertCapsuleManifest(Signed):
     """The signed description of one expert capsule; its id is the capsule id."""
@@ -113,3 +138,11 @@ class ExpertCapsuleManifest(Signed):
     eval_claims: tuple = f(ListOf(Obj(EvalClaim), 32))
     created_at: int = f(TIME)
     sig: bytes = f(SIG)
+    # Admission claims (specs/admission.md): the node class it fits, the
+    # patch policy of a code-patch capsule, the teacher it was distilled from
+    # and that teacher's policy card. Required on the wire; defaults only so
+    # code building a manifest need not name them.
+    node_class: str = _wire_default("", Str(64))
+    patch_policy: tuple = _wire_default((), ListOf(Obj(PatchPolicy), 1))
+    distilled_from: str = _wire_default("", Str(128))
+    teacher_policy: tuple = _wire_default((), ListOf(Obj(TeacherPolicyCard), 1))

@@ -1,6 +1,6 @@
 """Ledger-facing objects besides inference receipts: contributions (the only
-way credits are minted), admission reports, challenges, payers' disputes and
-transfers."""
+way credits are minted), challenges, payers' disputes and transfers.
+Admission reports are in protocol/admission.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from protocol import canonical
 from protocol.errors import AemError
 from protocol.genesis import CREDIT_BASES
 from protocol.schema import (HASH, HASH_OR_EMPTY, KEY, NAME, NONCE, SIG, TEXT, TIME,
-                             Bool, Bytes, ListOf, Obj, SInt, Signed, Str, UInt, WireObject, f)
+                             Bytes, ListOf, Obj, Signed, Str, UInt, WireObject, f)
 
 CONTRIBUTION_TYPES = ("knowledge", "skill", "data_shard", "eval", "curriculum", "operator")
-VERDICTS = ("admit", "reject")
 
 
 @dataclass(frozen=True)
@@ -68,29 +67,6 @@ class ContributionReceipt(Signed):
                     continue
                 good.add(a.verifier)
         return good
-
-
-@dataclass(frozen=True)
-class AdmissionReport(Signed):
-    """A verifier's measurement of a capsule against the admission gates."""
-    TYPE = "admission"
-    SIGNER = "verifier"
-    MAX_SIZE = 2048
-
-    net: bytes = f(HASH)
-    verifier: bytes = f(KEY)
-    capsule_id: bytes = f(HASH)
-    target_eval: str = f(NAME)
-    delta_bp: int = f(SInt(-10_000, 10_000))
-    regression_bp: int = f(SInt(-10_000, 10_000))
-    near_duplicate: bool = f(Bool())
-    trigger_risk: bool = f(Bool())
-    fits_vram: bool = f(Bool())
-    manifest_valid: bool = f(Bool())
-    route_trace_hash: bytes = f(HASH_OR_EMPTY)
-    verdict: str = f(Str(8, choices=VERDICTS))
-    created_at: int = f(TIME)
-    sig: bytes = f(SIG)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from crypto.hashing import H
 from crypto.keys import SigningKey
 from ledger.replay import ReplayResult, replay
+from protocol.admission import AdmissionParams, NodeClass
 from protocol.entry import Entry, make_entry
 from protocol.genesis import CREDIT_BASES, Genesis, Grant, Limits, MintRate
 from protocol.receipts import Challenge, ContributionReceipt, Transfer
@@ -31,6 +32,14 @@ AS_OF = (T0 + 1000, T0 + 7200)
 # text alone and does not move when a default does.
 LIMITS = Limits(max_entry_bytes=65536, max_task_bytes=12 << 20, max_gossip_bytes=16384,
                 max_sync_batch=512, max_announce_lifetime_s=3600)
+# Likewise the admission part (the defaults of specs/admission.md section 1 today).
+ADMISSION = AdmissionParams(
+    admitted_only=False, min_gain_bp=100, max_regression_bp=1000, near_duplicate_bp=9000,
+    max_trigger_divergence_bp=3000, probation_share_bp=0, demote_margin_bp=2000,
+    reeval_interval_s=7 * 86400, challenge_limit=3, probe_set=b"",
+    classes=(NodeClass(name="cpu", memory_mb=8192), NodeClass(name="gpu12", memory_mb=12288),
+             NodeClass(name="gpu16", memory_mb=16384), NodeClass(name="gpu24", memory_mb=24576)),
+    domains=())
 
 
 def genesis() -> Genesis:
@@ -41,7 +50,7 @@ def genesis() -> Genesis:
                              Grant(account=BOB.public, amount=5 * C)), key=lambda g: g.account)),
         challenge_window=3600,
         mint_rates=tuple(MintRate(basis=b, micro_per_unit=10_000) for b in sorted(CREDIT_BASES)),
-        max_mint_per_receipt=1000 * C, limits=LIMITS, sig=b"",
+        max_mint_per_receipt=1000 * C, limits=LIMITS, sig=b"", admission=ADMISSION,
     ).signed(FOUNDER)
 
 

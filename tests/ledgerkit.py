@@ -14,15 +14,17 @@ hypothesis tests, and :func:`bulk` builds large ones for benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
 from crypto.hashing import H
 from crypto.keys import SigningKey
+from protocol.admission import DEFAULT_ADMISSION, AdmissionParams, AdmissionReport, Measurements
 from protocol.entry import Entry, make_entry
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
+from protocol.receipts import Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import Signed
 from protocol.task import InferenceWorkReceipt, ReceiptAck, SpendAuthorization
 
@@ -57,6 +59,7 @@ class TestNet:
     mint_rate: int = 10_000          # micro-credits per unit of delta, every basis
     max_mint: int = 500 * MICRO
     seed: str = "net"
+    admission_params: AdmissionParams = DEFAULT_ADMISSION   # the genesis's admission part
     feeds: dict = field(default_factory=dict)
     clock: int = 0                   # largest Lamport clock handed out
 
@@ -75,6 +78,7 @@ class TestNet:
             grants=tuple(grants), challenge_window=self.window,
             mint_rates=tuple(MintRate(basis=b, micro_per_unit=self.mint_rate) for b in sorted(CREDIT_BASES)),
             max_mint_per_receipt=self.max_mint, limits=DEFAULT_LIMITS, sig=b"",
+            admission=self.admission_params,
         ).signed(self.founder)
         self.net = self.genesis.network_id
         self._n = 0
@@ -137,18 +141,37 @@ class TestNet:
         return ReceiptAck(net=self.net, payer=payer.public, receipt_id=receipt_id, accepted=True,
                           created_at=at, sig=b"").signed(payer)
 
-    def admission(self, verifier: SigningKey, at: int = T0) -> AdmissionReport:
-        return AdmissionReport(
-            net=self.net, verifier=verifier.public, capsule_id=H(self._nonce()), target_eval="ledgerkit-eval",
-            delta_bp=120, regression_bp=-3, near_duplicate=False, trigger_risk=False, fits_vram=True,
-            manifest_valid=True, route_trace_hash=b"", verdict="admit", created_at=at, sig=b"").signed(verifier)
+    def measurements(self, content_hash: bytes = b"", target_bp: int = 6000, **changes) -> Measurements:
+        """What an honest verifier measures of a capsule that passes every
+        gate of ``admission_params`` (its first domain, class ``cpu``)."""
+        p = self.admission_params
+        dom = p.domains[0] if p.domains else None
+        m = Measurements(
+            artefact_hash=content_hash, artefact_ok=True, manifest_ok=True, manifest_problem="",
+            tensor_hash=H(b"tensors" + content_hash), memory_mb=512, node_class="cpu",
+            target_eval=dom.target_eval if dom else H(b"ledgerkit-eval"), target_bp=target_bp,
+            general_eval=dom.general_eval if dom else b"", general_bp=5000, trigger_divergence_bp=0,
+            fingerprint=H(b"fp" + content_hash) + H(b"fp2" + content_hash), results_hash=H(b"results" + content_hash))
+        return dataclasses.replace(m, **changes)
 
-    def manifest(self, author: SigningKey, at: int = T0) -> ExpertCapsuleManifest:
+    def admission(self, verifier: SigningKey, at: int = T0, capsule_id: bytes | None = None,
+                  m: Measurements | None = None, purpose: str = "admission", round: bytes = b"",
+                  failed: tuple = (), trace: bytes | None = None) -> AdmissionReport:
+        """A verifier's report (default: of a fresh capsule id, admit)."""
+        return AdmissionReport(
+            net=self.net, verifier=verifier.public, capsule_id=capsule_id or H(self._nonce()),
+            purpose=purpose, round=round, measurements=m or self.measurements(),
+            route_trace_hash=H(self._nonce()) if trace is None else trace,
+            verdict="reject" if failed else "admit", failed=failed, created_at=at,
+            sig=b"").signed(verifier)
+
+    def manifest(self, author: SigningKey, at: int = T0, domain: str = "code", node_class: str = "cpu",
+                 content_hash: bytes | None = None) -> ExpertCapsuleManifest:
         return ExpertCapsuleManifest(
             net=self.net, author=author.public, name="tiny expert", kind="gguf",
-            content_hash=H(self._nonce()), size_bytes=1 << 20, architecture="llama", n_params=1_000_000,
-            quantization="q4_0", context_length=2048, vram_need_mb=512, domain="code",
-            tags=("python",), eval_claims=(), created_at=at, sig=b"").signed(author)
+            content_hash=content_hash or H(self._nonce()), size_bytes=1 << 20, architecture="llama",
+            n_params=1_000_000, quantization="q4_0", context_length=2048, vram_need_mb=512, domain=domain,
+            tags=("python",), eval_claims=(), created_at=at, sig=b"", node_class=node_class).signed(author)
 
     # -- entries -----------------------------------------------------------
 

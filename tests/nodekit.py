@@ -21,6 +21,7 @@ from aemd.identity import atomic_write, init_home
 from crypto.keys import SigningKey
 from aemd.keyfile import read_keystore
 from protocol.errors import AemError
+from protocol.admission import DEFAULT_ADMISSION, AdmissionParams
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 
 BIN = Path(sys.executable).parent
@@ -167,7 +168,12 @@ class NodeProc:
 class Mesh:
     def __init__(self, root: Path, n: int, *, grant: int = 1_000_000_000, challenge_window: int = 3600,
                  config: str = FAST_CONFIG, extra_grants: dict[bytes, int] | None = None,
-                 unfunded: tuple[int, ...] = ()) -> None:
+                 unfunded: tuple[int, ...] = (), verifier_nodes: tuple[int, ...] = (), quorum: int = 1,
+                 admission: AdmissionParams = DEFAULT_ADMISSION,
+                 node_configs: dict[int, str] | None = None) -> None:
+        """``verifier_nodes``: nodes whose accounts are the genesis verifiers
+        (default: one outside key, ``self.verifier``); ``node_configs``:
+        config text appended for single nodes (e.g. a [verifier] section)."""
         self.root = root
         self.verifier = SigningKey.generate()
         homes = [Home(root / f"n{i}") for i in range(n)]
@@ -175,18 +181,19 @@ class Mesh:
         founder = SigningKey.generate()
         grants = {k.public: 0 if i in unfunded else grant for i, k in enumerate(keys)}
         grants.update(extra_grants or {})
+        verifiers = sorted(keys[i].public for i in verifier_nodes) or [self.verifier.public]
         self.genesis = Genesis(
             network_name="testnet", created_at=int(time.time()) - 10, founder=founder.public,
-            verifiers=(self.verifier.public,), quorum=1,
+            verifiers=tuple(verifiers), quorum=quorum,
             grants=tuple(Grant(account=a, amount=grants[a]) for a in sorted(grants)),
             challenge_window=challenge_window,
             mint_rates=(MintRate(basis="accepted_delta", micro_per_unit=10_000),),
-            max_mint_per_receipt=10**12, limits=DEFAULT_LIMITS, sig=b"").signed(founder)
+            max_mint_per_receipt=10**12, limits=DEFAULT_LIMITS, sig=b"", admission=admission).signed(founder)
         gfile = root / "genesis.aem"
         atomic_write(gfile, self.genesis.encode())
-        for h in homes:
+        for i, h in enumerate(homes):
             init_home(h, gfile, None)
-            atomic_write(h.config, config.encode())
+            atomic_write(h.config, (config + (node_configs or {}).get(i, "")).encode())
         self.nodes = [NodeProc(h, root / f"n{i}.log") for i, h in enumerate(homes)]
 
     def start_line(self, count: int | None = None) -> None:

@@ -20,11 +20,12 @@ from ledger.facts import Context, examine
 from ledger.replay import replay
 from ledger.state import state_root
 from protocol import canonical
+from protocol.admission import AdmissionReport
 from protocol.entry import Entry, make_entry
 from protocol.errors import AemError
 from protocol.genesis import Genesis, Grant, Limits, MintRate
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import Challenge, ContributionReceipt, Transfer
 from protocol.sync import Frontiers, HeadAnnouncement, RangeRequest, RangeResponse, SyncDone
 from protocol.task import InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization, TaskPacket
 from protocol.taskwire import TaskAccepted, TaskChunk, TaskRefused, TaskRequest, TaskResult

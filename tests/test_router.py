@@ -103,3 +103,20 @@ def test_mesh_table_keeps_newest_and_expires():
         t.offer_ad(ad(a, capsule=bytes([i % 256, i // 256])), NOW)
     assert len(t.ads) == MAX_ADS_PER_HOST
     assert t.offer_card(card(a), NOW) and not t.offer_card(card(a), NOW)
+
+
+def test_admitted_capsules_only_and_only_from_their_author():
+    """With an admitted set (capsule -> author from the admission replay), an
+    ad for a capsule not admitted is not a candidate, and neither is another
+    host's ad for an admitted capsule: the verifiers measured the author's file."""
+    a, b, c, _ = HOSTS
+    mine, theirs = ad(a, price=300), ad(b, price=100)
+    copy = HostAdvertisement(**{**{k: getattr(mine, k) for k in mine.__dataclass_fields__},
+                                "host": c.public, "sig": b""}).signed(c)
+    ads = [mine, theirs, copy]
+    assert {x.host for _, x in rank(ads, task(), cards={}, reputation={}, self_key=PAYER.public, now=NOW)} \
+        == {a.public, b.public, c.public}
+    got = rank(ads, task(), cards={}, reputation={}, self_key=PAYER.public, now=NOW,
+               admitted={mine.capsule_id: a.public})
+    assert [x.host for _, x in got] == [a.public]
+    assert rank(ads, task(), cards={}, reputation={}, self_key=PAYER.public, now=NOW, admitted={}) == []

@@ -130,7 +130,8 @@ def test_a_partition_that_never_heals_is_two_groups() -> None:
     assert out.roots[0] == out.roots[1] != out.roots[2] == out.roots[3]
 
 
-@pytest.mark.parametrize("name,seed", [("churn", 0), ("equivocate", 1), ("hostile", 2), ("tasks", 0)])
+@pytest.mark.parametrize("name,seed", [("churn", 0), ("equivocate", 1), ("hostile", 2), ("tasks", 0),
+                                       ("admission", 2)])
 def test_memlog_runs_like_the_store(name: str, seed: int) -> None:
     """The dict log of large meshes is a faithful stand-in for the real
     store: the same scenario gives the same trace, event for event, and the
@@ -145,3 +146,28 @@ def test_memlog_runs_like_the_store(name: str, seed: int) -> None:
     assert not store.failures and not mem.failures
     assert store.trace_hash == mem.trace_hash
     assert store.roots == mem.roots
+
+
+def test_checker_sees_an_admission_decision_only_one_node_holds() -> None:
+    """The admission invariant can fail: two verifiers' failing re-evaluation
+    reports stored on one node and never announced demote an expert there
+    alone, and its group has two admission roots."""
+    from tests.sim.scenarios import CHAOS_S, SCENARIOS
+    mesh = SCENARIOS["admission"](0)
+    mesh.sim.run_until(CHAOS_S + 5)
+    out = mesh.finish()
+    assert not out.failures, out.failures
+    decided = {s.status(c) for s in mesh.admission_roots.values() for c in s.capsules}
+    assert {"admitted", "refused"} <= decided          # the scenario decides both ways
+    state = mesh.admission_roots[0]
+    cid = next(c for c, cap in state.capsules.items() if cap.status == "admitted")
+    tn, node = mesh.tn, mesh.nodes[0]
+    gone = state.capsules[cid].measurements.replace(artefact_ok=False)
+    for v in (0, 1):
+        key = mesh.nodes[v].key
+        node.log.append_local(key, tn.admission(key, at=node.wall, capsule_id=cid, m=gone, purpose="reeval",
+                                                round=b"\x07" * 32, failed=("manifest",)), node.wall)
+    assert node.log.admission().status(cid) == "demoted"
+    out.failures.clear()
+    mesh.check(out)
+    assert any("admission roots" in f for f in out.failures), out.failures

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import errors
+from protocol.admission import DEFAULT_ADMISSION
 from protocol.errors import AemError
 from protocol.session import Call, Recv, Send
 from protocol.taskwire import TaskRefused, TaskRequest, TaskResult, decode_reply
@@ -228,7 +229,7 @@ def test_the_node_env_has_exactly_what_the_service_uses() -> None:
     from aemd import services, tasks
     members = set(tasks.TaskEnv.__annotations__) | {n for n, _ in inspect.getmembers(tasks.TaskEnv, inspect.isfunction)
                                                     if not n.startswith("_")}
-    node = SimpleNamespace(key=tv.BOB, net=tv.NET, genesis=SimpleNamespace(challenge_window=3600), metrics=None,
+    node = SimpleNamespace(key=tv.BOB, net=tv.NET, genesis=SimpleNamespace(challenge_window=3600, admission=DEFAULT_ADMISSION), metrics=None,
                            mesh=None, hostbook=None, home=SimpleNamespace(root=Path("/nonexistent")), capsules=[],
                            opts=SimpleNamespace(capacity={}), p2p=None)
     env = services.NodeTaskEnv(node)

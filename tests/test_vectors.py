@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from crypto import domains
+from protocol.admission import AdmissionReport
 from protocol.entry import ENTRY_KINDS, Entry
 from protocol.genesis import Genesis
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
+from protocol.receipts import Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import WireObject
 from protocol.task import (InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization,
                            TaskPacket)

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from crypto import domains
 from protocol import canonical, errors
+from protocol.admission import AdmissionReport
 from protocol.entry import ENTRY_KINDS, Entry, make_entry
 from protocol.errors import AemError
 from protocol.genesis import Genesis, Grant, Limits, MintRate
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Transfer
+from protocol.receipts import Challenge, ContributionReceipt, Transfer
 from protocol.task import (InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization,
                            TaskPacket)
 from protocol.sync import (Frontiers, HeadAnnouncement, RangeRequest, RangeResponse, SyncDone,

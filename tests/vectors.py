@@ -8,10 +8,12 @@ object, built from fixed seeds and times.
 from __future__ import annotations
 
 from crypto.keys import SigningKey
+from protocol.admission import (DEFAULT_ADMISSION, AdmissionReport, DomainEvals, Measurements)
 from protocol.entry import make_entry
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
-from protocol.mesh import EvalClaim, ExpertCapsuleManifest, HostAdvertisement, NodeCard
-from protocol.receipts import AdmissionReport, Challenge, ContributionReceipt, Dispute, Transfer
+from protocol.mesh import (EvalClaim, ExpertCapsuleManifest, HostAdvertisement, NodeCard,
+                           TeacherPolicyCard)
+from protocol.receipts import Challenge, ContributionReceipt, Dispute, Transfer
 from protocol.schema import Signed
 from protocol.task import (Attempt, Candidate, ChatMessage, InferenceWorkReceipt, ReceiptAck,
                            RouteTrace, SpendAuthorization, TaskPacket)
@@ -23,6 +25,12 @@ BOB = SigningKey.from_seed(bytes([4]) * 32)       # a host
 T0 = 1_800_000_000
 
 
+# The default gates, with one domain's eval sets named (by content hash).
+ADMISSION = DEFAULT_ADMISSION.replace(domains=(
+    DomainEvals(domain="general", target_eval=bytes([10]) * 32, general_eval=bytes([11]) * 32,
+                baseline_bp=4000, general_baseline_bp=5000),))
+
+
 def genesis() -> Genesis:
     return Genesis(
         network_name="vectors", created_at=T0, founder=FOUNDER.public,
@@ -32,6 +40,7 @@ def genesis() -> Genesis:
         challenge_window=3600,
         mint_rates=(MintRate(basis="accepted_delta", micro_per_unit=10_000),),
         max_mint_per_receipt=1_000_000_000, limits=DEFAULT_LIMITS, sig=b"",
+        admission=ADMISSION,
     ).signed(FOUNDER)
 
 
@@ -52,7 +61,10 @@ def build() -> dict[str, Signed]:
         net=net, author=BOB.public, name="tiny-llama", kind="gguf", content_hash=bytes([9]) * 32,
         size_bytes=123_456, architecture="llama", n_params=100_000, quantization="F16",
         context_length=512, vram_need_mb=64, domain="general", tags=("chat",),
-        eval_claims=(EvalClaim(eval="smoke", score_bp=5000),), created_at=T0, sig=b"").signed(BOB)
+        eval_claims=(EvalClaim(eval="smoke", score_bp=5000),), created_at=T0, sig=b"",
+        node_class="cpu", distilled_from="teacher-7b",
+        teacher_policy=(TeacherPolicyCard(teacher="teacher-7b", licence="apache-2.0", distillation="allowed",
+                                          terms="outputs may train other models"),)).signed(BOB)
     receipt = InferenceWorkReceipt(
         net=net, host=BOB.public, payer=ALICE.public, task_hash=task.id,
         capsule_id=manifest.id, spend_auth=auth, charge=1_500_000, output_hash=bytes([5]) * 32,
@@ -82,11 +94,15 @@ def build() -> dict[str, Signed]:
         "receipt_ack": ReceiptAck(net=net, payer=ALICE.public, receipt_id=receipt.id, accepted=True,
                                   created_at=T0 + 13, sig=b"").signed(ALICE),
         "contribution": contribution,
-        "admission": AdmissionReport(net=net, verifier=VERIFIER.public, capsule_id=manifest.id,
-                                     target_eval="smoke", delta_bp=250, regression_bp=-10,
-                                     near_duplicate=False, trigger_risk=False, fits_vram=True,
-                                     manifest_valid=True, route_trace_hash=b"", verdict="admit",
-                                     created_at=T0 + 30, sig=b"").signed(VERIFIER),
+        "admission": AdmissionReport(
+            net=net, verifier=VERIFIER.public, capsule_id=manifest.id, purpose="admission", round=b"",
+            measurements=Measurements(
+                artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True, manifest_problem="",
+                tensor_hash=bytes([12]) * 32, memory_mb=64, node_class="cpu", target_eval=bytes([10]) * 32,
+                target_bp=4250, general_eval=bytes([11]) * 32, general_bp=4990, trigger_divergence_bp=0,
+                fingerprint=bytes(range(64)), results_hash=bytes([13]) * 32),
+            route_trace_hash=bytes([14]) * 32, verdict="admit", failed=(), created_at=T0 + 30,
+            sig=b"").signed(VERIFIER),
         "challenge": Challenge(net=net, verifier=VERIFIER.public, receipt_id=receipt.id,
                                reason="output does not match a re-run", evidence_hash=bytes([8]) * 32,
                                created_at=T0 + 40, sig=b"").signed(VERIFIER),

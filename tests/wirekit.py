@@ -59,6 +59,15 @@ def _fix(cls_name: str, d: dict) -> dict:
         d["grants"] = tuple(grants[a] for a in sorted(grants))
         rates = {r.basis: r for r in d["mint_rates"]}
         d["mint_rates"] = tuple(rates[b] for b in sorted(rates))
+    elif cls_name == "AdmissionParams":
+        d["classes"] = tuple({c.name: c for c in sorted(d["classes"], key=lambda c: c.name)}.values())
+        d["domains"] = tuple({x.domain: x for x in sorted(d["domains"], key=lambda x: x.domain)}.values())
+    elif cls_name == "Measurements":
+        fp = d["fingerprint"]
+        d["fingerprint"] = fp[:len(fp) - len(fp) % 4]
+    elif cls_name == "AdmissionReport":
+        d["round"] = b"" if d["purpose"] == "admission" else (d["round"] or H(b"round"))
+        d["verdict"] = "reject" if d["failed"] else "admit"
     elif cls_name in ("NodeCard", "HostAdvertisement"):
         d["expires_at"] = d["issued_at"] + 1 + d["expires_at"] % 10_000
     elif cls_name == "TaskPacket":

@@ -8,6 +8,12 @@ limits that were in force, and hashes that bind the report to its inputs.
 
 Everything here runs code we did not write, so:
 
+0. With a capsule's patch policy (``policy``, a protocol.mesh.PatchPolicy), a patch
+   the policy does not permit (``protocol.patchpolicy.check_patch``: protected paths,
+   paths outside the allowed ones, size, anything but a plain unified diff), or one
+   that names a path through a symlink of the tree, is ``refused`` before anything
+   runs (``specs/admission-codepatch.md`` §2). ``judge="applies"`` stops after the
+   patch step: a patch that applies is ``passed`` without running the tests.
 1. Inputs are checked before any work: sizes (tar 16 MiB, diff 1 MiB), the diff's
    file names (no absolute paths, no ``..``), the tar's members (regular files,
    directories and symlinks only; no absolute names, ``..``, duplicates, members
@@ -84,6 +90,8 @@ from typing import Sequence
 import trio
 
 from protocol.errors import BAD_VALUE, TOO_LARGE, UNAVAILABLE, AemError
+from protocol.mesh import PatchPolicy
+from protocol.patchpolicy import check_patch, diff_names, readings
 
 __all__ = [
     "Limits",
@@ -93,6 +101,7 @@ __all__ = [
     "available_isolation",
     "ISOLATION_LEVELS",
     "OUTCOMES",
+    "JUDGES",
 ]
 
 MAX_REPO_TAR = 16 << 20
@@ -110,7 +119,11 @@ SANDBOX_UID_BASE = 3_000_000_000
 REPORT_DOMAIN = b"aem/codepatch-report/v1\x00"
 
 ISOLATION_LEVELS = ("bwrap", "unshare", "none")
-OUTCOMES = ("passed", "failed", "error", "timeout", "killed", "patch_failed")
+OUTCOMES = ("passed", "failed", "error", "timeout", "killed", "patch_failed", "refused")
+#: "tests": apply the patch, then run the tests (the verifier). "applies":
+#: pass a patch that applies cleanly, without running anything else: a
+#: cheaper and worse judge, which admission must be able to tell apart.
+JUDGES = ("tests", "applies")
 
 
 @dataclass(frozen=True)
@@ -139,7 +152,7 @@ class VerifierReport:
     outcome: str                     # one of OUTCOMES
     exit_code: int | None            # exit status of the test (or patch); None on timeout
     signal: int | None               # the signal that ended it (None on timeout)
-    isolation: str                   # "bwrap" | "unshare" | "none"
+    isolation: str                   # "bwrap" | "unshare" | "none"; "" when refused (nothing ran)
     limits: dict                     # limits in force; nproc None when not enforced
     test_command: tuple[str, ...]
     stdout_tail: str                 # last TAIL_BYTES bytes, UTF-8 with replacement
@@ -756,6 +769,40 @@ def _chown_tree(root: Path, uid: int) -> None:
             os.lchown(os.path.join(dirpath, n), uid, uid)
 
 
+# --- the patch policy -----------------------------------------------------------------
+
+def _through_link(repo: Path, diff: str) -> str:
+    """A path the diff names that runs through a symlink of the tree: the
+    policy judged the name, and GNU patch would write where the link points."""
+    names, _ = diff_names(diff)
+    for name in names:
+        if name == "/dev/null":
+            continue
+        for parts in readings(name):
+            for k in range(1, len(parts) + 1):
+                if repo.joinpath(*parts[:k]).is_symlink():
+                    return f"the patch touches {'/'.join(parts)[:48]!r} through a symlink of the repository"
+    return ""
+
+
+def _refused(repo_tar: bytes, diff: object, cmd: tuple[str, ...], limits: Limits, problem: str,
+             t0: float) -> VerifierReport:
+    try:
+        patch_hash = hashlib.sha256(diff.encode("utf-8")).digest() if isinstance(diff, str) else b""
+    except UnicodeEncodeError:
+        patch_hash = b""
+    fields = dict(
+        patch_applied=False, outcome="refused", exit_code=None, signal=None, isolation="",
+        limits={"cpu_s": limits.cpu_s, "wall_ms": int(limits.wall_s * 1000),
+                "memory_mb": limits.memory_mb, "nproc": None, "fsize_mb": limits.fsize_mb,
+                "nofile": limits.nofile},
+        test_command=cmd, stdout_tail="", stderr_tail=f"[aem] refused: {problem}",
+        repo_hash=hashlib.sha256(repo_tar).digest(), patch_hash=patch_hash, output_hash=b"",
+        duration_ms=int((time.monotonic() - t0) * 1000))
+    fields["output_hash"] = hashlib.sha256(_report_content(fields)).digest()
+    return VerifierReport(**fields)
+
+
 # --- the verifier ---------------------------------------------------------------------
 
 def run_code_patch(
@@ -766,6 +813,8 @@ def run_code_patch(
     limits: Limits = Limits(),
     isolation: str = "auto",
     cancel: threading.Event | None = None,
+    judge: str = "tests",
+    policy=None,
 ) -> VerifierReport:
     """Apply ``diff`` to the repository in ``repo_tar`` and run ``test_command`` in
     it, isolated. Blocking; takes at most about ``limits.wall_s`` plus the patch
@@ -774,20 +823,37 @@ def run_code_patch(
     ``isolation``: "auto" (the best available, never "none"), or one of "bwrap",
     "unshare", "none". Raises ``AemError``: BAD_VALUE/TOO_LARGE for bad input,
     UNAVAILABLE when the isolation asked for (or any, for "auto") or GNU patch is
-    missing."""
+    missing.
+
+    ``judge``: "tests" (the default) or "applies" (module-level ``JUDGES``).
+    ``policy``: a protocol.mesh.PatchPolicy. With one, a patch it does not
+    permit (``protocol.patchpolicy.check_patch``), or one that names a path
+    through a symlink of the repository, gets outcome "refused" before
+    anything runs, and a diff that is not even a valid diff is refused
+    rather than raised."""
     t0 = time.monotonic()
     if not isinstance(repo_tar, (bytes, bytearray, memoryview)):
         raise AemError(BAD_VALUE, "repository must be tar bytes")
     repo_tar = bytes(repo_tar)
     if len(repo_tar) > MAX_REPO_TAR:
         raise AemError(TOO_LARGE, f"repository tar larger than {MAX_REPO_TAR} bytes")
-    diff_bytes = check_diff(diff)
+    if policy is None:
+        diff_bytes = check_diff(diff)
+    elif not isinstance(policy, PatchPolicy):
+        raise AemError(BAD_VALUE, "policy must be a protocol.mesh.PatchPolicy")
+    if judge not in JUDGES:
+        raise AemError(BAD_VALUE, f"judge must be one of {JUDGES}")
     cmd = _check_command(test_command)
     if not isinstance(limits, Limits):
         raise AemError(BAD_VALUE, "limits must be a Limits")
     limits.check()
     if isolation != "auto" and isolation not in ISOLATION_LEVELS:
         raise AemError(BAD_VALUE, f"isolation must be 'auto' or one of {ISOLATION_LEVELS}")
+    if policy is not None:
+        problem = check_patch(policy, diff)
+        if problem:
+            return _refused(repo_tar, diff, cmd, limits, problem, t0)
+        diff_bytes = check_diff(diff)
 
     repo_hash = hashlib.sha256(repo_tar).digest()
     patch_hash = hashlib.sha256(diff_bytes).digest()
@@ -811,6 +877,10 @@ def run_code_patch(
         for name in ("python", "python3"):
             os.symlink(sys.executable, task / "bin" / name)
         _extract(repo_tar, task / "repo")     # bad input is BAD_VALUE on any machine
+        if policy is not None:
+            problem = _through_link(task / "repo", diff)
+            if problem:
+                return _refused(repo_tar, diff, cmd, limits, problem, t0)
         if isolation == "auto":
             level = available_isolation()
             if level == "none":
@@ -850,6 +920,8 @@ def run_code_patch(
             return report(False, "error", pr)
         if pr.exit_code != 0:
             return report(False, "patch_failed", pr)
+        if judge == "applies":
+            return report(True, "passed", pr)
         tr = box.run(cmd, limits.wall_s, "test", cancel)
         if tr.timed_out:
             outcome = "timeout"
@@ -877,6 +949,8 @@ async def arun_code_patch(
     limits: Limits = Limits(),
     isolation: str = "auto",
     limiter: trio.CapacityLimiter | None = None,
+    judge: str = "tests",
+    policy=None,
 ) -> VerifierReport:
     """:func:`run_code_patch` in a worker thread (under ``limiter`` if given). If the
     caller is cancelled, the sandbox is killed within a poll interval and the
@@ -885,7 +959,8 @@ async def arun_code_patch(
     try:
         return await trio.to_thread.run_sync(
             lambda: run_code_patch(repo_tar, diff, test_command, limits=limits,
-                                   isolation=isolation, cancel=cancel),
+                                   isolation=isolation, cancel=cancel, judge=judge,
+                                   policy=policy),
             limiter=limiter, abandon_on_cancel=True)
     finally:
         cancel.set()

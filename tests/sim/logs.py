@@ -76,6 +76,17 @@ class StoreLog:
     def count(self) -> int:
         return self.store.count()
 
+    def all_entries(self) -> list[bytes]:
+        """Every stored entry's bytes, held or linked (the pure admission
+        replay's input)."""
+        with self.store._lock:
+            return [bytes(r[0]) for r in self.store._db.execute("SELECT data FROM entries").fetchall()]
+
+    def admission(self):
+        """The store's own admission state (the daemon's path, ledger/store.py)."""
+        from ledger.admission import admission_of_applied
+        return admission_of_applied(self.genesis, self.store.admission_entries())
+
     def max_lamport(self) -> int:
         return self.store.max_lamport()
 
@@ -204,6 +215,13 @@ class MemLog:
 
     def count(self) -> int:
         return len(self.by_id)
+
+    def all_entries(self) -> list[bytes]:
+        return [r.data for r in self.by_id.values()]
+
+    def admission(self):
+        from ledger.admission import replay_admission
+        return replay_admission(self.genesis, self.all_entries())
 
     def max_lamport(self) -> int:
         return self.max_lam

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ledger.state import VOIDED
+from protocol.admission import AdmissionParams
 from protocol.entry import make_entry
 from protocol.sync import FORK_HEAD
 from tests.ledgerkit import MICRO, T0, TestNet
@@ -43,12 +44,18 @@ class Mesh:
                  cfg: NodeConfig | None = None, topology: str | int = "full", latency_ms=(2, 40),
                  jitter_ms: float = 5, loss: float = 0.0, reset_p: float = 0.0, keep_trace: bool = False,
                  tracing: bool = True, max_events: int = 3_000_000, max_time_s: float = 36_000,
-                 hostile: dict[int, str] | None = None, grant: int = 1_000 * MICRO) -> None:
+                 hostile: dict[int, str] | None = None, grant: int = 1_000 * MICRO,
+                 admission: AdmissionParams | None = None, verifier_nodes: int = 0) -> None:
+        """``admission``: the genesis's admission part (and the admission
+        roots become an invariant); ``verifier_nodes``: the first nodes run
+        under the genesis verifiers' keys."""
         self.seed = seed
         self.sim = Sim(seed, max_events=max_events, max_time_s=max_time_s, keep_trace=keep_trace, tracing=tracing)
         self.net = Network(self.sim, latency_ms=latency_ms, jitter_ms=jitter_ms, loss=loss, reset_p=reset_p)
         self.t0 = T0 + 60
-        self.tn = TestNet(n_users=n, seed=f"sim-{n}", grant=grant)
+        self.tn = (TestNet(n_users=n, seed=f"sim-{n}", grant=grant) if admission is None else
+                   TestNet(n_users=n, seed=f"sim-{n}", grant=grant, admission_params=admission))
+        self.check_admission = admission is not None
         self.genesis = self.tn.genesis
         self.cfg = cfg or NodeConfig()
         self.stopping = False
@@ -57,11 +64,13 @@ class Mesh:
         self.nodes: list[SimNode] = []
         for i in range(n):
             lg = MemLog(self.genesis, self.memo) if log == "mem" else StoreLog(self.genesis)
-            self.nodes.append(SimNode(self, self.tn.users[i], lg, roles[i], self.cfg))
+            key = self.tn.verifiers[i] if i < verifier_nodes else self.tn.users[i]
+            self.nodes.append(SimNode(self, key, lg, roles[i], self.cfg))
         for i, mode in sorted((hostile or {}).items()):
             self.nodes[i].hostile = mode
         self._wire(topology)
         self.equivocators: dict[bytes, int] = {}     # author -> seq it forked at
+        self.admission_roots: dict[int, object] = {}    # node -> its AdmissionState at the check
         self.stored_hook = None      # scale bench: stored_hook(node) after a node stores entries
         self.bans: list[tuple[int, int, str]] = []   # (node, banned peer, why)
         self.tasks_done: list[tuple] = []   # (payer, host, error code or None)
@@ -239,6 +248,22 @@ class Mesh:
             out.append(sorted(comp))
         return out
 
+    def _check_admission(self, comp: list[int], f: list[str]) -> None:
+        """One admission root per group, and the daemon's path (the store's
+        admission entries) gives the pure replay's state over every entry."""
+        from ledger.admission import replay_admission
+        roots = {}
+        for i in comp:
+            log = self.nodes[i].log
+            st = log.admission()
+            pure = replay_admission(self.genesis, log.all_entries())
+            if st.root != pure.root:
+                f.append(f"node {i}: the store's admission root differs from the pure replay's")
+            roots[i] = st.root
+            self.admission_roots[i] = st
+        if len(set(roots.values())) > 1:
+            f.append(f"group {comp}: {len(set(roots.values()))} admission roots")
+
     def check(self, out: Outcome) -> None:
         f = out.failures
         as_of = self.t0 + int(self.sim.now)
@@ -286,6 +311,8 @@ class Mesh:
                         f.append(f"node {i}: equivocator {author.hex()[:8]} not frozen at {seq}: frontier {fr}, "
                                  f"forks {node.log.forks().get(author)}, linked at {seq}: {len(ids)}, "
                                  f"replay frozen {res.frozen.get(author)}")
+            if self.check_admission:
+                self._check_admission(comp, f)
             if len(set(roots.values())) > 1:
                 by = {}
                 for i, r in roots.items():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from crypto.hashing import H
+from protocol.admission import DEFAULT_ADMISSION, DomainEvals
 from tests.ledgerkit import MICRO
 from tests.sim.core import SECOND
 from tests.sim.hostile import MODES
@@ -197,6 +199,89 @@ def tasks(seed: int, **kw) -> Mesh:
     return mesh
 
 
+ADMISSION = DEFAULT_ADMISSION.replace(
+    admitted_only=True, domains=(DomainEvals(domain="code", target_eval=H(b"sim-target"), general_eval=H(b"sim-general"),
+                                             baseline_bp=1000, general_baseline_bp=0),))
+
+
+def _submit_and_measure(mesh: Mesh, host: int, copy_of: bytes | None) -> None:
+    """A host submits a capsule (its manifest); each verifier measures it a
+    few seconds later, as it sees fit: the honest figures, now and then a
+    dissent or no report at all; a non-verifier signs a report too."""
+    node = mesh.nodes[host]
+    if not node.alive:
+        return
+    rng = mesh.sim.rng
+    tn = mesh.tn
+    content = H(b"artefact" + rng.randbytes(8))
+    m = tn.manifest(node.key, at=node.wall, content_hash=content)
+    if node.append(m) is None:
+        return
+    honest = tn.measurements(content, target_bp=rng.choice([500, 1500, 4000, 7000, 9000]))
+    if copy_of is not None:          # the same tensors as an earlier capsule: a duplicate
+        honest = honest.replace(tensor_hash=copy_of)
+    mesh.capsule_tensors.append(honest.tensor_hash)
+    for v in range(mesh.n_verifiers):
+        r = rng.random()
+        if r < 0.1:
+            continue
+        mine = honest if r > 0.25 else honest.replace(target_bp=rng.randint(0, 10_000))
+        t = mesh.sim.now + int(rng.uniform(0.5, 12) * SECOND)
+        mesh.sim.at(t, _report, mesh, v, m.id, mine, "admission", b"")
+    if rng.random() < 0.3:           # a non-verifier's report: counts for nothing
+        rogue = rng.randrange(mesh.n_verifiers, len(mesh.nodes))
+        mesh.sim.at(mesh.sim.now + int(rng.uniform(1, 5) * SECOND), _report, mesh, rogue, m.id,
+                    honest.replace(target_bp=10_000), "admission", b"")
+    # Later, a re-evaluation round: sometimes the artefact is gone.
+    if rng.random() < 0.4:
+        later = honest if rng.random() < 0.5 else honest.replace(artefact_ok=False)
+        rnd = H(b"round" + m.id)
+        for v in range(mesh.n_verifiers):
+            t = mesh.sim.now + int(rng.uniform(15, 30) * SECOND)
+            mesh.sim.at(t, _report, mesh, v, m.id, later, "reeval", rnd)
+
+
+def _report(mesh: Mesh, i: int, capsule_id: bytes, m, purpose: str, rnd: bytes) -> None:
+    node = mesh.nodes[i]
+    if not node.alive:
+        return
+    from protocol.admission import AdmissionReport
+    rep = AdmissionReport(net=mesh.tn.net, verifier=node.key.public, capsule_id=capsule_id, purpose=purpose,
+                          round=rnd, measurements=m, route_trace_hash=H(b"trace" + capsule_id + node.key.public),
+                          verdict="admit", failed=(), created_at=node.wall, sig=b"").signed(node.key)
+    node.append(rep)
+
+
+def admission(seed: int, **kw) -> Mesh:
+    """Capsules submitted and measured by three verifiers (quorum 2) under
+    partitions and loss: dissenting and missing reports, duplicates, a
+    non-verifier's reports, re-evaluations. Every group ends with one
+    admission root, the store's equal to the pure replay's."""
+    import random as _r
+    n = _r.Random(seed * 7919 + 3).randint(4, 7)
+    mesh = Mesh(n, seed, admission=ADMISSION, verifier_nodes=3, **kw)
+    mesh.n_verifiers = 3
+    mesh.capsule_tensors = []
+    mesh.start()
+    rng = mesh.sim.rng
+    mesh.net.loss = rng.uniform(0.0, 0.2)
+    _workload(mesh, CHAOS_S, rate=0.1)
+    t = 1.0
+    while t < CHAOS_S - 15:
+        t += rng.expovariate(0.3)
+        host = rng.randrange(3, n)
+        copy = rng.random() < 0.2
+        mesh.sim.at(int(t * SECOND), lambda h=host, c=copy: _submit_and_measure(
+            mesh, h, rng.choice(mesh.capsule_tensors) if c and mesh.capsule_tensors else None))
+    if rng.random() < 0.6:
+        groups = _halves(mesh)
+        t = rng.uniform(3, 20)
+        mesh.sim.at(int(t * SECOND), mesh.net.partition, groups)
+        mesh.sim.at(int((t + rng.uniform(5, 20)) * SECOND), mesh.net.heal)
+    mesh.faults(True)
+    return mesh
+
+
 def _mesh(seed: int, n: int | None = None, **kw) -> Mesh:
     import random as _r
     n = n or _r.Random(seed * 7919 + 1).randint(3, 7)
@@ -207,11 +292,12 @@ def _mesh(seed: int, n: int | None = None, **kw) -> Mesh:
 
 SCENARIOS: dict[str, Callable[..., Mesh]] = {
     "partition": partition, "loss": loss, "crash": crash, "equivocate": equivocate,
-    "hostile": hostile, "churn": churn, "tasks": tasks,
+    "hostile": hostile, "churn": churn, "tasks": tasks, "admission": admission,
 }
 
 # Seeds per scenario in `pytest -m sim` (at least 200 in all).
-SEEDS = {"partition": 35, "loss": 30, "crash": 35, "equivocate": 30, "hostile": 35, "churn": 30, "tasks": 20}
+SEEDS = {"partition": 35, "loss": 30, "crash": 35, "equivocate": 30, "hostile": 35, "churn": 30, "tasks": 20,
+         "admission": 25}
 
 
 def run(name: str, seed: int, *, keep_trace: bool = False) -> tuple[Mesh, Outcome]:
