@@ -129,6 +129,12 @@ def _experts(args: argparse.Namespace) -> int:
         return EXIT_OK
     mode = "only admitted experts get traffic" if res["admitted_only"] else "open network: admission informative"
     print(f"{len(rows)} submitted capsule(s); {mode}; admission root {res['root'][:16]}")
+    v = res.get("verifier")
+    if v:
+        doing = v["current"] or "idle"
+        if v["current"] and v["artefact_bytes"]:
+            doing += f", artefact {100 * v['fetched_bytes'] // v['artefact_bytes']}% fetched"
+        print(f"this node verifies: {doing}; {v['reports']} report(s) made, {v['retrying']} job(s) to retry")
     for r in rows:
         failed = f"  failed: {', '.join(r['failed'])}" if r["failed"] else ""
         print(f"{r['capsule_id'][:16]}  {r['status']:9}  {r['domain']:12}  {r['kind']:10}  "

@@ -65,11 +65,40 @@ def manual_round(verifier: bytes, nonce: bytes) -> bytes:
     return H(b"aem-reeval-manual" + verifier + nonce)
 
 
-def plan(state: Any, me: bytes, now: int, params: Any, manual: dict[bytes, bytes]) -> list[Job]:
+def challenge_round(capsule_id: bytes, step: int) -> bytes:
+    """The round opened when the challenges against a capsule's receipts
+    reach ``step`` times the genesis's limit (every verifier counts the same
+    log, so they open the same round)."""
+    return H(b"aem-reeval-challenges" + capsule_id + struct.pack(">Q", step))
+
+
+def challenged_receipts(store: Any, challenged: set[bytes]) -> dict[bytes, int]:
+    """Capsule id -> how many of its receipts a verifier's challenge voided
+    (runs in the store's thread; reads the receipt entries)."""
+    from protocol.entry import Entry
+    from protocol.task import InferenceWorkReceipt
+    out: dict[bytes, int] = {}
+    if not challenged:
+        return out
+    with store._lock:
+        rows = store._db.execute("SELECT data FROM entries WHERE kind = 'inference_receipt' AND state = 0").fetchall()
+    for (data,) in rows:
+        try:
+            r = InferenceWorkReceipt.decode(Entry.decode(bytes(data)).body)
+        except AemError:
+            continue
+        if r.id in challenged:
+            out[r.capsule_id] = out.get(r.capsule_id, 0) + 1
+    return out
+
+
+def plan(state: Any, me: bytes, now: int, params: Any, manual: dict[bytes, bytes],
+         challenges: dict[bytes, int] | None = None) -> list[Job]:
     """The jobs this verifier owes, oldest submission first (pure).
 
     ``state`` is an AdmissionState; ``manual`` maps capsule id -> round an
-    operator asked this verifier to open."""
+    operator asked this verifier to open; ``challenges`` capsule id -> its
+    receipts voided by verifiers' challenges."""
     jobs: list[Job] = []
     for cid, cap in sorted(state.capsules.items(), key=lambda kv: (kv[1].registered_at, kv[0])):
         if cap.status in ("candidate", "probation"):
@@ -89,6 +118,9 @@ def plan(state: Any, me: bytes, now: int, params: Any, manual: dict[bytes, bytes
                 slot = now // params.reeval_interval_s
                 if cap.decided_at < slot * params.reeval_interval_s:
                     rounds.append(schedule_round(slot))
+            n = (challenges or {}).get(cid, 0)
+            if params.challenge_limit and n >= params.challenge_limit:
+                rounds.append(challenge_round(cid, n // params.challenge_limit))
         if cid in manual:
             rounds.append(manual[cid])
         seen: set[bytes] = set()
@@ -118,6 +150,7 @@ class VerifierService:
         self.manual: dict[bytes, bytes] = {}
         self.failures: dict[Job, tuple[int, float]] = {}     # job -> (count, next try, monotonic)
         self.current: Job | None = None
+        self.progress = (0, 0)            # the current fetch: bytes done, bytes in all
         self.done = 0
         self._kick = trio.Event()
 
@@ -152,7 +185,13 @@ class VerifierService:
         """Do every job that is due now; the number done."""
         state = await self.node.store.admission()
         params = self.node.genesis.admission
-        jobs = plan(state, self.node.key.public, self.node.now(), params, self.manual)
+        challenges = None
+        if params.challenge_limit and state.admitted():
+            res = await self.node.store.ledger(self.node.now())
+            st = res.checkpoint.state
+            voided = {rid for rid in st.challenged if rid not in st.disputed}   # verifiers' challenges only
+            challenges = await self.node.store._run(challenged_receipts, self.node.store.store, voided)
+        jobs = plan(state, self.node.key.public, self.node.now(), params, self.manual, challenges)
         n = 0
         for job in jobs:
             count, next_try = self.failures.get(job, (0, 0.0))
@@ -254,6 +293,7 @@ class VerifierService:
             limit = 1 << 20
         if manifest.size_bytes > limit:
             return TOO_BIG
+        self.progress = (0, manifest.size_bytes)
         peer = self._source(manifest)
         if peer is None:
             log.info("%s: no host advertises it now; will retry", job.describe())
@@ -264,7 +304,7 @@ class VerifierService:
                 p.unlink(missing_ok=True)
 
         def progress(done: int, total: int) -> None:
-            self.progress = (done, total)
+            self.progress = (done, total)     # shown by `aemctl experts` on this node
         try:
             return await fetch_artefact(self.node.p2p, peer, manifest, self.dir, max_bytes=limit,
                                         timeout_s=self.fetch_timeout_s, on_progress=progress,
@@ -321,9 +361,10 @@ class VerifierService:
                             results_hash=fig.results_hash)
 
     def status(self) -> dict:
+        done, total = self.progress
         return {"enabled": True, "current": self.current.describe() if self.current else None,
-                "reports": self.done, "retrying": len(self.failures),
-                "progress": getattr(self, "progress", None)}
+                "fetched_bytes": done, "artefact_bytes": total, "reports": self.done,
+                "retrying": len(self.failures)}
 
 
 def _mark_artefact_bad(m: Measurements) -> Measurements:
@@ -405,10 +446,21 @@ def install(node: "Node", cfg: Any, traces: Any) -> VerifierService | None:
     svc = VerifierService(node, cfg, traces) if cfg["verifier"]["enabled"] else None
     verifiers = frozenset(node.genesis.verifiers)
 
-    def lookup(content_hash: bytes):
+    def capsule_files(content_hash: bytes):
         for cap in node.capsules:
             if cap.manifest.content_hash == content_hash and cap.serving.path:
                 return cap.serving.path, cap.manifest.size_bytes
+        return None
+    # Other services add what verifiers may fetch from this node (e.g. the
+    # contributions it offers): callables content hash -> (path, size) | None.
+    sources = [capsule_files]
+    node.artefact_sources = sources
+
+    def lookup(content_hash: bytes):
+        for src in sources:
+            found = src(content_hash)
+            if found is not None:
+                return found
         return None
 
     def allow(peer: str) -> bool:
@@ -471,7 +523,7 @@ def install(node: "Node", cfg: Any, traces: Any) -> VerifierService | None:
         rows = [{**capsule_row(cid, cap, params, quorum), "reports": state.reports(cid)}
                 for cid, cap in sorted(state.capsules.items())]
         return {"root": state.root, "admitted_only": params.admitted_only, "quorum": quorum,
-                "experts": rows}
+                "experts": rows, "verifier": svc.status() if svc is not None else None}
 
     async def reeval(args: dict, emit) -> dict:
         from aemd.nodecontrol import _hex_arg

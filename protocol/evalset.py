@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from crypto.hashing import H
-from protocol import canonical
-from protocol.errors import (BAD_ENCODING, BAD_TYPE, BAD_VALUE, MISSING_FIELD, TOO_DEEP,
-                             TOO_LARGE, UNKNOWN_FIELD, WRONG_OBJECT, AemError)
+from protocol import canonical, strictjson
+from protocol.errors import BAD_TYPE, BAD_VALUE, WRONG_OBJECT, AemError
 
 __all__ = [
     "FORMAT", "RESULTS_FORMAT", "KINDS", "SCORERS", "FINGERPRINT_BYTES",
@@ -138,66 +137,14 @@ class ItemResult:
 
 # --- parsing --------------------------------------------------------------------------
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise AemError(BAD_ENCODING, f"duplicate key {k[:32]!r}")
-        out[k] = v
-    return out
-
-
-def _no_float(s: str) -> None:
-    raise AemError(BAD_TYPE, "numbers must be integers")
-
-
-def _no_constant(s: str) -> None:
-    raise AemError(BAD_ENCODING, f"{s} is not JSON")
-
-
 def parse_evalset(data: bytes) -> EvalSet:
     """Parse and validate an eval-set file. Only ``AemError`` leaves this function."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise AemError(BAD_TYPE, "an eval set is bytes")
-    if len(data) > MAX_EVALSET_BYTES:
-        raise AemError(TOO_LARGE, f"eval set of {len(data)} bytes > {MAX_EVALSET_BYTES}")
-    try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise AemError(BAD_ENCODING, "an eval set is UTF-8") from None
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_no_float,
-                         parse_constant=_no_constant)
-    except RecursionError:
-        raise AemError(TOO_DEEP, "JSON nested too deep") from None
-    except ValueError as e:      # JSONDecodeError, and ints beyond Python's digit limit
-        raise AemError(BAD_ENCODING, f"not JSON: {str(e)[:80]}") from None
+    doc = strictjson.loads(data, max_bytes=MAX_EVALSET_BYTES, what="an eval set")
     return evalset_from_document(doc)
 
 
-def _str(v: object, where: str, max_bytes: int) -> str:
-    if type(v) is not str:
-        raise AemError(BAD_TYPE, f"{where} must be a string")
-    try:
-        n = len(v.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise AemError(BAD_VALUE, f"{where} is not valid Unicode (lone surrogate)") from None
-    if n == 0 or not v.strip():
-        raise AemError(BAD_VALUE, f"{where} is empty")
-    if n > max_bytes:
-        raise AemError(TOO_LARGE, f"{where} is longer than {max_bytes} bytes")
-    if any(ord(c) < 0x20 and c not in "\t\n\r" or ord(c) == 0x7F for c in v):
-        raise AemError(BAD_VALUE, f"{where} holds a control character")
-    return v
-
-
-def _keys(obj: dict, want: frozenset, where: str) -> None:
-    extra = set(obj) - want
-    if extra:
-        raise AemError(UNKNOWN_FIELD, f"{where}: unknown field {sorted(extra)[0][:32]!r}")
-    missing = want - set(obj)
-    if missing:
-        raise AemError(MISSING_FIELD, f"{where}: missing field {sorted(missing)[0]!r}")
+def _text(v: object, where: str, max_bytes: int) -> str:
+    return strictjson.text(v, where, max_bytes, blank=False, controls="\t\n\r")
 
 
 def evalset_from_document(doc: object) -> EvalSet:
@@ -209,7 +156,7 @@ def evalset_from_document(doc: object) -> EvalSet:
     kind = doc.get("kind")
     if kind not in KINDS:
         raise AemError(BAD_VALUE, f"kind must be one of {', '.join(KINDS)}")
-    _keys(doc, _TOP_KEYS[kind], "eval set")
+    strictjson.fields(doc, _TOP_KEYS[kind], "eval set")
     name = doc["name"]
     if type(name) is not str or not _NAME.fullmatch(name):
         raise AemError(BAD_VALUE, "name must match [a-z0-9][a-z0-9-]{0,63}")
@@ -233,9 +180,9 @@ def evalset_from_document(doc: object) -> EvalSet:
         where = f"item {i}"
         if type(it) is not dict:
             raise AemError(BAD_TYPE, f"{where} must be an object")
-        _keys(it, _ITEM_KEYS, where)
-        prompt = _str(it["prompt"], f"{where} prompt", MAX_PROMPT_BYTES)
-        answer = _str(it["answer"], f"{where} answer", MAX_ANSWER_BYTES)
+        strictjson.fields(it, _ITEM_KEYS, where)
+        prompt = _text(it["prompt"], f"{where} prompt", MAX_PROMPT_BYTES)
+        answer = _text(it["answer"], f"{where} answer", MAX_ANSWER_BYTES)
         if not normalise(answer):
             # an answer that normalises to nothing would match every output
             raise AemError(BAD_VALUE, f"{where} answer is only punctuation")
@@ -250,7 +197,7 @@ def evalset_from_document(doc: object) -> EvalSet:
             raise AemError(BAD_TYPE, "triggers must be a list")
         if not 1 <= len(raw) <= MAX_TRIGGERS:
             raise AemError(BAD_VALUE, f"a probe set has 1..{MAX_TRIGGERS} triggers")
-        triggers = tuple(_str(t, f"trigger {k}", MAX_TRIGGER_BYTES) for k, t in enumerate(raw))
+        triggers = tuple(_text(t, f"trigger {k}", MAX_TRIGGER_BYTES) for k, t in enumerate(raw))
         if len(set(triggers)) != len(triggers):
             raise AemError(BAD_VALUE, "triggers repeat")
     unhashed = EvalSet(name=name, kind=kind, scorer=scorer, max_tokens=max_tokens,

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from crypto.hashing import H
-from protocol import canonical
-from protocol.errors import (BAD_ENCODING, BAD_TYPE, BAD_VALUE, MISSING_FIELD, TOO_DEEP,
-                             TOO_LARGE, UNKNOWN_FIELD, WRONG_OBJECT, AemError)
+from protocol import canonical, strictjson
+from protocol.errors import BAD_TYPE, BAD_VALUE, WRONG_OBJECT, AemError
 
 __all__ = ["FORMAT", "RESULTS_FORMAT", "EXPECTS", "MAX_SET_BYTES", "MAX_REPOS", "MAX_FILES",
            "MAX_FILE_BYTES", "MAX_FIXTURES", "MAX_PATCH_BYTES", "RepoFiles", "PatchFixture",
@@ -108,69 +107,10 @@ class FixtureResult:
 
 # --- parsing --------------------------------------------------------------------------
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise AemError(BAD_ENCODING, f"duplicate key {k[:32]!r}")
-        out[k] = v
-    return out
-
-
-def _no_float(s: str) -> None:
-    raise AemError(BAD_TYPE, "numbers must be integers (and a fixture set uses none)")
-
-
-def _no_constant(s: str) -> None:
-    raise AemError(BAD_ENCODING, f"{s} is not JSON")
-
-
 def parse_fixture_set(data: bytes) -> PatchFixtureSet:
     """Parse and validate a fixture-set file. Only ``AemError`` leaves it."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise AemError(BAD_TYPE, "a fixture set is bytes")
-    if len(data) > MAX_SET_BYTES:
-        raise AemError(TOO_LARGE, f"fixture set of {len(data)} bytes > {MAX_SET_BYTES}")
-    try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise AemError(BAD_ENCODING, "a fixture set is UTF-8") from None
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_no_float,
-                         parse_constant=_no_constant)
-    except RecursionError:
-        raise AemError(TOO_DEEP, "JSON nested too deep") from None
-    except ValueError as e:
-        raise AemError(BAD_ENCODING, f"not JSON: {str(e)[:80]}") from None
+    doc = strictjson.loads(data, max_bytes=MAX_SET_BYTES, what="a fixture set")
     return fixture_set_from_document(doc)
-
-
-def _keys(obj: object, want: frozenset, where: str) -> dict:
-    if type(obj) is not dict:
-        raise AemError(BAD_TYPE, f"{where} must be an object")
-    extra = set(obj) - want
-    if extra:
-        raise AemError(UNKNOWN_FIELD, f"{where}: unknown field {sorted(extra)[0][:32]!r}")
-    missing = want - set(obj)
-    if missing:
-        raise AemError(MISSING_FIELD, f"{where}: missing field {sorted(missing)[0]!r}")
-    return obj
-
-
-def _text(v: object, where: str, max_bytes: int, *, empty: bool = False) -> str:
-    if type(v) is not str:
-        raise AemError(BAD_TYPE, f"{where} must be a string")
-    try:
-        n = len(v.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise AemError(BAD_VALUE, f"{where} is not valid Unicode (lone surrogate)") from None
-    if n > max_bytes:
-        raise AemError(TOO_LARGE, f"{where} is longer than {max_bytes} bytes")
-    if not empty and n == 0:
-        raise AemError(BAD_VALUE, f"{where} is empty")
-    if any((ord(c) < 0x20 and c not in "\t\n") or ord(c) == 0x7F for c in v):
-        raise AemError(BAD_VALUE, f"{where} holds a control character")
-    return v
 
 
 def _list(v: object, where: str, lo: int, hi: int) -> list:
@@ -188,7 +128,7 @@ def _name(v: object, where: str) -> str:
 
 
 def _path(v: object, where: str) -> tuple[str, ...]:
-    p = _text(v, where, MAX_PATH_BYTES)
+    p = strictjson.text(v, where, MAX_PATH_BYTES)
     parts = tuple(p.split("/"))
     if len(parts) > MAX_DEPTH or any(x in (".", "..") or not _PATH_PART.fullmatch(x) for x in parts):
         raise AemError(BAD_VALUE, f"{where}: {p[:64]!r} is not a plain relative path")
@@ -196,16 +136,16 @@ def _path(v: object, where: str) -> tuple[str, ...]:
 
 
 def _repo(obj: object, where: str) -> RepoFiles:
-    d = _keys(obj, _REPO, where)
+    d = strictjson.fields(obj, _REPO, where)
     name = _name(d["name"], f"{where} name")
-    cmd = tuple(_text(a, f"{where} test_command", MAX_ARG_BYTES)
+    cmd = tuple(strictjson.text(a, f"{where} test_command", MAX_ARG_BYTES)
                 for a in _list(d["test_command"], f"{where} test_command", 1, MAX_ARGS))
     files: list[tuple[str, str]] = []
     seen: set[tuple[str, ...]] = set()
     for k, f in enumerate(_list(d["files"], f"{where} files", 1, MAX_FILES)):
-        fd = _keys(f, _FILE, f"{where} file {k}")
+        fd = strictjson.fields(f, _FILE, f"{where} file {k}")
         parts = _path(fd["path"], f"{where} file {k} path")
-        text = _text(fd["text"], f"{where} file {k} text", MAX_FILE_BYTES, empty=True)
+        text = strictjson.text(fd["text"], f"{where} file {k} text", MAX_FILE_BYTES, empty=True)
         seen.add(parts)
         files.append(("/".join(parts), text))
     paths = [p for p, _ in files]
@@ -223,7 +163,7 @@ def fixture_set_from_document(doc: object) -> PatchFixtureSet:
         raise AemError(BAD_TYPE, "a fixture set is a JSON object")
     if doc.get("format") != FORMAT:
         raise AemError(WRONG_OBJECT, f"format must be {FORMAT!r}")
-    d = _keys(doc, _TOP, "fixture set")
+    d = strictjson.fields(doc, _TOP, "fixture set")
     name = _name(d["name"], "name")
     repos = tuple(_repo(r, f"repo {k}") for k, r in enumerate(_list(d["repos"], "repos", 1, MAX_REPOS)))
     rnames = [r.name for r in repos]
@@ -232,12 +172,12 @@ def fixture_set_from_document(doc: object) -> PatchFixtureSet:
     fixtures: list[PatchFixture] = []
     for k, x in enumerate(_list(d["fixtures"], "fixtures", 1, MAX_FIXTURES)):
         where = f"fixture {k}"
-        fd = _keys(x, _FIXTURE, where)
+        fd = strictjson.fields(x, _FIXTURE, where)
         fname = _name(fd["name"], f"{where} name")
         repo = fd["repo"]
         if repo not in rnames:
             raise AemError(BAD_VALUE, f"{where} names no repo of the set")
-        patch = _text(fd["patch"], f"{where} patch", MAX_PATCH_BYTES)
+        patch = strictjson.text(fd["patch"], f"{where} patch", MAX_PATCH_BYTES)
         expect = fd["expect"]
         if expect not in EXPECTS:
             raise AemError(BAD_VALUE, f"{where} expect must be one of {', '.join(EXPECTS)}")
