@@ -154,6 +154,29 @@ def readings(name: str) -> list[tuple[str, ...]]:
     return [parts, parts[1:]] if len(parts) > 1 else [parts]
 
 
+def skip_hunk(lines: list[str], i: int, old_n: int, new_n: int) -> tuple[int, int, int]:
+    """Step over a hunk body from line ``i`` by its line counts (``\\ No
+    newline`` markers count for neither side); returns the next line and the
+    counts left (non-zero when the diff ends first). A line that is not
+    context, removal or addition is a malformed hunk."""
+    while (old_n > 0 or new_n > 0) and i < len(lines):
+        body = lines[i]
+        i += 1
+        if body.startswith("\\"):
+            continue
+        tag = body[:1]
+        if tag in (" ", ""):
+            old_n -= 1
+            new_n -= 1
+        elif tag == "-":
+            old_n -= 1
+        elif tag == "+":
+            new_n -= 1
+        else:
+            raise AemError(BAD_VALUE, f"diff: malformed hunk at line {i}")
+    return i, old_n, new_n
+
+
 def diff_names(diff: str) -> tuple[list[str], set[str]]:
     """Every file name a plain unified diff names (in order), and those it
     creates. Raises ``AemError(BAD_VALUE)`` when ``diff`` is not a plain
@@ -176,21 +199,7 @@ def diff_names(diff: str) -> tuple[list[str], set[str]]:
                 raise AemError(BAD_VALUE, f"hunk without file headers at line {i}")
             if m.group(1) == "0" and old_n == 0:    # from nothing: ``diff -N``'s new file
                 created.add(new_name)
-            while (old_n > 0 or new_n > 0) and i < len(lines):
-                body = lines[i]
-                i += 1
-                tag = body[:1]
-                if body.startswith("\\"):
-                    continue
-                if tag in (" ", ""):
-                    old_n -= 1
-                    new_n -= 1
-                elif tag == "-":
-                    old_n -= 1
-                elif tag == "+":
-                    new_n -= 1
-                else:
-                    raise AemError(BAD_VALUE, f"malformed hunk at line {i}")
+            i, old_n, new_n = skip_hunk(lines, i, old_n, new_n)
             if old_n > 0 or new_n > 0:
                 raise AemError(BAD_VALUE, "the diff ends inside a hunk")
             continue

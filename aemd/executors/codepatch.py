@@ -91,7 +91,7 @@ import trio
 
 from protocol.errors import BAD_VALUE, TOO_LARGE, UNAVAILABLE, AemError
 from protocol.mesh import PatchPolicy
-from protocol.patchpolicy import check_patch, diff_names, readings
+from protocol.patchpolicy import check_patch, diff_names, readings, skip_hunk
 
 __all__ = [
     "Limits",
@@ -221,23 +221,7 @@ def check_diff(diff: str) -> bytes:
         i += 1
         m = _HUNK.match(line)
         if m:                                   # skip the hunk body by its line counts
-            old = int(m.group(1) or 1)
-            new = int(m.group(2) or 1)
-            while (old > 0 or new > 0) and i < len(lines):
-                body = lines[i]
-                i += 1
-                if body.startswith("\\"):
-                    continue
-                tag = body[:1]
-                if tag in (" ", ""):
-                    old -= 1
-                    new -= 1
-                elif tag == "-":
-                    old -= 1
-                elif tag == "+":
-                    new -= 1
-                else:
-                    raise AemError(BAD_VALUE, f"diff: malformed hunk at line {i}")
+            i, _, _ = skip_hunk(lines, i, int(m.group(1) or 1), int(m.group(2) or 1))
             continue
         names: list[str] = []
         if line.startswith(("--- ", "+++ ")):
