@@ -78,6 +78,8 @@ def _start(args: argparse.Namespace) -> int:
     svc = services.install(node, cfg)
     from aemd import verifier  # artefact serving, admission commands, the verifier role ([verifier])
     verifier.install(node, cfg, svc.traces)
+    from aemd import growth  # contributions: the attest stream ([verifier]) and `aemctl contribute`
+    growth.install(node, cfg)
     from aemd import api  # the HTTP API, status page and metrics ([api]); a bad section stops here
     api.install(node, cfg, svc)
     try:

@@ -24,7 +24,7 @@ from protocol import errors
 from protocol.errors import AemError
 from protocol.admission import DEFAULT_ADMISSION
 from protocol.mesh import ExpertCapsuleManifest
-from protocol.task import MAX_PATCH, MAX_PROMPT, MAX_REPO_TAR, MAX_TOKENS, TaskPacket
+from protocol.task import MAX_PATCH, MAX_PROMPT, MAX_REPO_TAR, MAX_TOKENS, TRAINING_USES, TaskPacket
 
 # The TaskPacket schema's own bounds, so the command refuses what the node would.
 _TASK_FIELDS = dict(TaskPacket._schema())
@@ -108,6 +108,9 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
                    help="text task: sampling temperature; 0 (default) is deterministic")
     p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
                    help="give up after this many seconds in all, exit 5 (default 600)")
+    p.add_argument("--training-use", choices=TRAINING_USES, default=None,
+                   help="may this task's prompt and output become training data (`aemctl traces export`)? "
+                        "Signed into the task; default: the node's [training] use (forbidden unless set)")
     add_home(p)
     add_json(p)
     p.set_defaults(func=_submit)
@@ -398,6 +401,8 @@ def _submit(args: argparse.Namespace) -> int:
     cargs.update(_text_args(args) if args.patch is None else _code_args(args))
     # The node gives up on a host when this budget has passed, too.
     cargs["latency_budget_ms"] = min(int(args.timeout * 1000), MAX_LATENCY_BUDGET_MS)
+    if args.training_use is not None:
+        cargs["training_use"] = args.training_use
 
     def on_event(ev: dict) -> None:
         if args.json:

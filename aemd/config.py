@@ -23,6 +23,7 @@ from typing import Any
 
 from protocol import errors
 from protocol.errors import AemError
+from protocol.task import TRAINING_DEFAULT, TRAINING_USES
 
 
 class _Section(Mapping):
@@ -123,6 +124,17 @@ class VerifierConfig(_Section):
 
 
 @dataclass(frozen=True, eq=False)
+class TrainingConfig(_Section):
+    #: One of protocol.task.TRAINING_USES.
+    use: str = TRAINING_DEFAULT
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointConfig(_Section):
+    interval_s: int = 300
+
+
+@dataclass(frozen=True, eq=False)
 class Config(_Section):
     """The whole config; every default is the one :data:`TEMPLATE` documents."""
 
@@ -135,6 +147,8 @@ class Config(_Section):
     api: ApiConfig = field(default_factory=ApiConfig)
     artefacts: ArtefactsConfig = field(default_factory=ArtefactsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -241,6 +255,23 @@ fetch_timeout_s = 1800
 max_artefact_mb = 32768
 # CPU threads for evals (0: llama.cpp's default). Figures do not depend on it.
 eval_threads = 0
+
+[checkpoint]
+# How often this node signs a checkpoint of its own log (its size and Merkle
+# root, specs/evidence.md) and gossips it; 0: never. Peers keep the newest
+# checkpoint of each node and record two that disagree as fork evidence;
+# `aemctl evidence export` proves entries against them.
+interval_s = 300
+
+[training]
+# May this node's work become training data (`aemctl traces export`,
+# specs/task-protocol.md section 8)? "allowed" or "forbidden". As a payer it
+# is stamped into every TaskPacket it signs (`aemctl submit-task
+# --training-use` overrides it per task); as a host into every receipt it
+# signs. An export keeps a task only when both its payer and its host said
+# "allowed". Forbidden by default: nobody's prompts or outputs are trained
+# on unless they opted in.
+use = "forbidden"
 """
 
 
@@ -271,5 +302,7 @@ def load_config(path: Path) -> Config:
                 raise AemError(errors.CONFIG, f"{path}: {section}.{key} must be a {want.__name__}")
             if want is int and value < 0:
                 raise AemError(errors.CONFIG, f"{path}: {section}.{key} must not be negative")
+            if section == "training" and key == "use" and value not in TRAINING_USES:
+                raise AemError(errors.CONFIG, f'{path}: training.use must be "allowed" or "forbidden"')
             cfg[section][key] = value
     return Config.from_dict(cfg)

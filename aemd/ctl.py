@@ -13,7 +13,8 @@ from typing import Sequence
 
 from aemd.cliutil import add_global_options, run_main
 
-COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task", "aemd.cmd_admission", "aemd.cmd_ledger", "aemd.doctor"]
+COMMAND_MODULES = ["aemd.cmd_genesis", "aemd.cmd_node", "aemd.cmd_task", "aemd.cmd_admission", "aemd.cmd_ledger", "aemd.cmd_evidence", "aemd.cmd_traces", "aemd.doctor",
+                   "aemd.cmd_contribute"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import trio
 
 from aemd import nodecontrol, p2p
 from aemd.capsules import LocalCapsule, load_capsules
+from aemd.checkpoints import CheckpointService
 from aemd.config import Config
 from aemd.control import serve_control
 from aemd.home import Home
@@ -36,6 +37,7 @@ from aemd.sync import SyncStats, sync_client, sync_server
 from crypto.keys import SigningKey
 from ledger.atomicfile import atomic_write
 from protocol import errors
+from protocol.checkpoint import checkpoint_topic
 from protocol.errors import AemError
 from protocol.genesis import Genesis
 from protocol.mesh import HostAdvertisement, NodeCard
@@ -78,6 +80,7 @@ class NodeOptions:
     bootstrap_check_s: float = 10.0     # grace before a bootstrap peer not reached is logged
     max_learned_dials: int = MAX_LEARNED_DIALS
     n_gpu_layers: Any = 0               # [llama] n_gpu_layers: an int or "auto"
+    checkpoint_interval_s: float = 300  # [checkpoint] interval_s; 0: sign none of our own
 
     @classmethod
     def from_config(cls, cfg: Config | Mapping, listen: list[str] | None,
@@ -95,6 +98,7 @@ class NodeOptions:
             mdns=cfg.node.mdns,
             capacity=dict(cfg.capacity),
             n_gpu_layers=cfg.llama.n_gpu_layers,
+            checkpoint_interval_s=cfg.checkpoint.interval_s,
         )
 
 
@@ -156,6 +160,8 @@ class Node:
         self.heads_nowhere = 0
         self._head_gate = RateGate(HEAD_SYNC_RATE, HEAD_SYNC_BURST)
         self.topics = {name: topic(self.net, name) for name in ("cards", "ads", "heads")}
+        self.topics["checkpoints"] = checkpoint_topic(self.net)
+        self.checkpoints: CheckpointService | None = None   # opened by run()
         self.sync_proto = sync_protocol_id(self.net)
         self._extensions: list[Callable[["Node", trio.Nursery], Any]] = []
         self._closers: list[Callable[[], None]] = []
@@ -201,10 +207,13 @@ class Node:
         store.observe_replay = self.metrics.replay_seconds.observe
         # Only capsules whose model file is still the manifest's are served.
         self.capsules = await trio.to_thread.run_sync(load_capsules, self.home)
+        self.checkpoints = CheckpointService(self, self.opts.checkpoint_interval_s)
+        self.add_closer(self.checkpoints.close)
         validators = {
             self.topics["cards"]: self._validate_card,
             self.topics["ads"]: self._validate_ad,
             self.topics["heads"]: self._validate_head,
+            self.topics["checkpoints"]: self._validate_checkpoint,
         }
         validators = self.metrics.watch_validators(validators, {t: n for n, t in self.topics.items()})
         cfg = p2p.P2PConfig(ban_threshold=float(self.opts.max_invalid_per_peer), enable_mdns=self.opts.mdns)
@@ -219,6 +228,9 @@ class Node:
                 nursery.start_soon(self._read_cards, subs["cards"])
                 nursery.start_soon(self._read_ads, subs["ads"])
                 nursery.start_soon(self._read_heads, subs["heads"])
+                nursery.start_soon(self.checkpoints.read, subs["checkpoints"])
+                if self.opts.checkpoint_interval_s > 0:
+                    nursery.start_soon(self.checkpoints.announce_loop)
                 nursery.start_soon(self._peer_events, host.peer_events())
                 nursery.start_soon(self._announce_loop)
                 nursery.start_soon(self._anti_entropy_loop)
@@ -380,6 +392,9 @@ class Node:
             return HeadAnnouncement.decode(data).net == self.net
         except AemError:
             return False
+
+    def _validate_checkpoint(self, peer: str, data: bytes) -> bool:
+        return self.checkpoints is not None and self.checkpoints.validate(peer, data)
 
     async def _read_cards(self, sub: p2p.Subscription) -> None:
         async with sub:
@@ -716,6 +731,8 @@ class Node:
 
     def _control_handlers(self) -> dict:
         handlers = nodecontrol.handlers(self)
+        if self.checkpoints is not None:
+            handlers.update(self.checkpoints.handlers())
         handlers.update(self.control_handlers)
         return handlers
 

@@ -43,14 +43,15 @@ from aemd.cliutil import fmt_credits
 from aemd.control import Emit
 from aemd.framing import deadline, write_frame
 from aemd.sessions import drive
+from aemd.traces import memory_of
 from crypto.hashing import H
 from protocol import errors
 from protocol.errors import AemError
 from protocol.entry import Entry
 from protocol.receipts import Dispute
 from protocol.taskwire import MAX_CHUNK, TaskChunk, TaskRequest, TaskResult, task_protocol_id
-from protocol.task import (MAX_MESSAGES, MAX_PROMPT, Attempt, ChatMessage, InferenceWorkReceipt, ReceiptAck,
-                           RouteTrace, SpendAuthorization, TaskPacket)
+from protocol.task import (MAX_MESSAGES, MAX_PROMPT, TRAINING_DEFAULT, TRAINING_USES, Attempt, ChatMessage,
+                           InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization, TaskPacket)
 from protocol.tasksession import (AdmissionFacts, HostOutcome, Offer, PayerGone, Ran, RunFailed, accept_deadline,
                                   admit, host_session, payer_session, to_dispute)
 
@@ -237,6 +238,9 @@ class TaskService:
         self._done: dict[bytes, bytes] = {}
         self._disputes_in, self._disputes_out = trio.open_memory_channel[InferenceWorkReceipt](MAX_DISPUTE_QUEUE)
         self.running = 0
+        # This node's training-use policy ([training] use): stamped into the
+        # receipts it signs as a host and the tasks it signs as a payer.
+        self.training_use = str(cfg.get("training", {}).get("use", TRAINING_DEFAULT))
         from aemd.traces import TraceStore
         self.traces = TraceStore(env.traces_path)
 
@@ -262,7 +266,8 @@ class TaskService:
         """One task stream: the host session (protocol/tasksession.py) driven on it."""
         calls = _HostCalls(self, stream)
         try:
-            out: HostOutcome = await drive(host_session(self.env.net, self.env.key), stream, calls)
+            out: HostOutcome = await drive(host_session(self.env.net, self.env.key, self.training_use), stream,
+                                           calls)
         except AemError as exc:
             if not calls.admitted:
                 raise                  # before any work: the stream's own error (size, time, reset)
@@ -415,6 +420,8 @@ class TaskService:
 
     async def submit(self, args: dict, emit: Emit) -> dict:
         node = self.env
+        if args.get("training_use") is None:      # the task names none: this node's [training] use
+            args = {**args, "training_use": self.training_use}
         task = build_task(node, args)
         now = node.now()
         # One spend key for the task; each host tried gets its own authorisation
@@ -468,7 +475,9 @@ class TaskService:
                            attempts=tuple(attempts), chosen=chosen, outcome=outcome,
                            receipt_id=receipt.id if receipt else b"", created_at=node.now(),
                            sig=b"").signed(node.key)
-        await trio.to_thread.run_sync(self.traces.put, trace)
+        # The distillation memory of a task that succeeded, with its trace (aemd/traces.py).
+        memory = memory_of(task, receipt, result.output) if receipt is not None else None
+        await trio.to_thread.run_sync(self.traces.put, trace, memory)
         self.env.metrics.tasks_routed.labels(outcome).inc()
         if receipt is None:
             last = attempts[-1] if attempts else None
@@ -485,6 +494,7 @@ class TaskService:
             "task_id": task.id.hex(), "host": receipt.host.hex(), "peer_id": p2p.peer_id_from_public(receipt.host),
             "price": receipt.charge, "receipt_id": receipt.id.hex(), "tokens_out": result.tokens_out,
             "output": result.output, "attempts": len(attempts), "capsule_id": receipt.capsule_id.hex(),
+            "training_use": task.training_use, "host_training_use": receipt.training_use,
         }
 
     def _budget(self, task: TaskPacket) -> float:
@@ -794,13 +804,19 @@ def build_task(node: TaskEnv, args: dict) -> TaskPacket:
 
     Text tasks take ``prompt`` (a raw completion) or ``messages`` (a chat: a list
     of ``{"role": "system"|"user"|"assistant", "content": str}``), exactly one;
-    ``kind`` may be left out for them."""
+    ``kind`` may be left out for them. ``training_use`` ("allowed" or
+    "forbidden", default forbidden) is the payer's policy for training on the
+    task's prompt and output (specs/task-protocol.md §8)."""
+    training_use = _arg(args, "training_use", str, TRAINING_DEFAULT)
+    if training_use not in TRAINING_USES:
+        raise AemError(errors.BAD_VALUE, "training_use must be allowed or forbidden")
     has_text = args.get("prompt") is not None or args.get("messages") is not None
     kind = args.get("kind", "text" if has_text else None)
     common = dict(net=node.net, payer=node.key.public, nonce=os.urandom(16),
                   domain=_arg(args, "domain", str, ""), tags=_str_list(args, "tags", 32),
                   max_price=_arg(args, "max_price", int, 0),
-                  latency_budget_ms=_arg(args, "latency_budget_ms", int, 0), created_at=node.now(), sig=b"")
+                  latency_budget_ms=_arg(args, "latency_budget_ms", int, 0), created_at=node.now(), sig=b"",
+                  training_use=training_use)
     if kind == "text":
         prompt = _arg(args, "prompt", str, "")
         messages = args.get("messages")

@@ -38,6 +38,7 @@ TAGS = frozenset({
     "transfer",
     "route_trace",
     "entry",
+    "checkpoint",            # an author's signed Merkle root of its log (protocol/checkpoint.py)
 })
 
 

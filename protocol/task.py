@@ -24,6 +24,19 @@ MAX_TOKENS = 8192
 UTF8_TAIL_TOKENS = 3
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 64
+# Whether a task's prompt and output may become training data
+# (specs/task-protocol.md, distillation memory): the payer says so in its
+# TaskPacket, the host in its receipt; an export needs both to say "allowed".
+TRAINING_USES = ("allowed", "forbidden")
+TRAINING_DEFAULT = "forbidden"     # nobody's work is trained on unless they opted in
+
+
+def _wire_default(value, kind):
+    """A wire field (required when decoding) that constructors may omit."""
+    return dataclasses.field(default=value, metadata={"kind": kind})
+
+
+TRAINING_USE = Str(16, choices=TRAINING_USES)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class TaskPacket(Signed):
     # name it; on the wire it is required like every field (keys are sorted).
     messages: tuple = dataclasses.field(
         default=(), metadata={"kind": ListOf(Obj(ChatMessage), MAX_MESSAGES)})
+    # The payer's policy for training on this task's prompt and output.
+    training_use: str = _wire_default(TRAINING_DEFAULT, TRAINING_USE)
 
     def _validate(self) -> None:
         if self.kind == "text":
@@ -125,6 +140,9 @@ class InferenceWorkReceipt(Signed):
     started_at: int = f(TIME)
     finished_at: int = f(TIME)
     sig: bytes = f(SIG)
+    # The host's policy for training on this output: signed with the output's
+    # hash and logged, so a training set's use of it is checkable from the log.
+    training_use: str = _wire_default(TRAINING_DEFAULT, TRAINING_USE)
 
     def _validate(self) -> None:
         a = self.spend_auth

@@ -43,7 +43,8 @@ from crypto.hashing import H
 from protocol import errors
 from protocol.errors import AemError
 from protocol.session import Call, Recv, Send, Session
-from protocol.task import MAX_TOKENS, UTF8_TAIL_TOKENS, InferenceWorkReceipt, SpendAuthorization, TaskPacket
+from protocol.task import (MAX_TOKENS, TRAINING_DEFAULT, UTF8_TAIL_TOKENS, InferenceWorkReceipt, SpendAuthorization,
+                           TaskPacket)
 from protocol.taskwire import (MAX_OUTPUT, MAX_REPLY, TaskAccepted, TaskChunk, TaskFailed, TaskRefused, TaskRequest,
                                TaskResult, decode_reply)
 
@@ -169,8 +170,9 @@ def admit(net: bytes, host: bytes, req: TaskRequest, now: int) -> Session:
     return price
 
 
-def host_session(net: bytes, key) -> Session:
-    """Serve one task stream as the host holding signing key ``key``;
+def host_session(net: bytes, key, training_use: str = TRAINING_DEFAULT) -> Session:
+    """Serve one task stream as the host holding signing key ``key``, whose
+    receipts state ``training_use`` (its policy for training on the output);
     returns a :class:`HostOutcome`."""
     data = yield Recv(TaskRequest.MAX_SIZE, REQUEST_READ_TIMEOUT_S, "task request")
     if data is None:
@@ -206,7 +208,7 @@ def host_session(net: bytes, key) -> Session:
     receipt = InferenceWorkReceipt(
         net=net, host=key.public, payer=task.payer, task_hash=task.id, capsule_id=req.capsule_id,
         spend_auth=req.spend_auth, charge=price, output_hash=H(ran.output), tokens_out=ran.tokens,
-        started_at=started, finished_at=max(started, finished), sig=b"").signed(key)
+        started_at=started, finished_at=max(started, finished), sig=b"", training_use=training_use).signed(key)
     # Log first: once the payer holds the receipt, the charge is on record.
     yield Call("append_receipt", (receipt,))
     yield Send(TaskResult(output=ran.output, tokens_out=ran.tokens, receipt=receipt).encode())

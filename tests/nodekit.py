@@ -170,7 +170,8 @@ class Mesh:
                  config: str = FAST_CONFIG, extra_grants: dict[bytes, int] | None = None,
                  unfunded: tuple[int, ...] = (), verifier_nodes: tuple[int, ...] = (), quorum: int = 1,
                  admission: AdmissionParams = DEFAULT_ADMISSION,
-                 node_configs: dict[int, str] | None = None) -> None:
+                 node_configs: dict[int, str] | None = None,
+                 mint_rates: tuple[MintRate, ...] = (MintRate(basis="accepted_delta", micro_per_unit=10_000),)) -> None:
         """``verifier_nodes``: nodes whose accounts are the genesis verifiers
         (default: one outside key, ``self.verifier``); ``node_configs``:
         config text appended for single nodes (e.g. a [verifier] section)."""
@@ -187,7 +188,7 @@ class Mesh:
             verifiers=tuple(verifiers), quorum=quorum,
             grants=tuple(Grant(account=a, amount=grants[a]) for a in sorted(grants)),
             challenge_window=challenge_window,
-            mint_rates=(MintRate(basis="accepted_delta", micro_per_unit=10_000),),
+            mint_rates=tuple(sorted(mint_rates, key=lambda r: r.basis)),
             max_mint_per_receipt=10**12, limits=DEFAULT_LIMITS, sig=b"", admission=admission).signed(founder)
         gfile = root / "genesis.aem"
         atomic_write(gfile, self.genesis.encode())

@@ -18,7 +18,7 @@ from tests.nodekit import BIN, FAST_CONFIG, Mesh, wait_for
 
 PROMPT = "Once upon a time"
 GRANT = 1_000_000_000
-NOTE_PATCH = "--- /dev/null\n+++ b/note.txt\n@@ -0,0 +1 @@\n+slow tests ahead\n"
+NOTE_PATCH = "--- /dev/null\n+++ b/NOTE.md\n@@ -0,0 +1 @@\n+slow tests ahead\n"   # a path the default patch policy allows
 
 
 def aemctl(home, *args: str) -> subprocess.CompletedProcess:
@@ -181,10 +181,12 @@ def test_code_patch_reports_and_hostile_patches(task_mesh, tmp_path):
     _, report = _code_task(p, fixture_patch("escape", token=token))
     assert not Path(f"/tmp/aem-escape-{token}").exists()
     assert not Path(f"/var/tmp/aem-escape-{token}").exists()
+    # The fork bomb lives in a test file: the capsule's patch policy refuses it
+    # before anything runs (tests/test_codepatch.py runs it in the sandbox).
     _, report = _code_task(p, fixture_patch("forkbomb"))
-    assert report["outcome"] in ("failed", "killed", "timeout", "error")
-    _, report = _code_task(p, fixture_patch("infinite"))
-    assert report["outcome"] in ("timeout", "killed")
+    assert report["outcome"] in ("refused", "failed", "killed", "timeout", "error")
+    _, report = _code_task(p, fixture_patch("infinite"))        # also in a test file: refused
+    assert report["outcome"] in ("refused", "timeout", "killed")
     # The host still serves after all that.
     _, report = _code_task(p, fixture_patch("good"))
     assert report["outcome"] == "passed"

@@ -7,6 +7,7 @@ import pytest
 
 from crypto import domains
 from protocol.admission import AdmissionReport
+from protocol.checkpoint import LogCheckpoint
 from protocol.entry import ENTRY_KINDS, Entry
 from protocol.genesis import Genesis
 from protocol.mesh import ExpertCapsuleManifest, HostAdvertisement, NodeCard
@@ -20,7 +21,7 @@ SPEC = (Path(__file__).resolve().parent.parent / "specs" / "wire-format.md").rea
 TYPES = {c.TYPE: c for c in (Genesis, NodeCard, HostAdvertisement, ExpertCapsuleManifest,
                              TaskPacket, SpendAuthorization, InferenceWorkReceipt, ReceiptAck,
                              ContributionReceipt, AdmissionReport, Challenge, Dispute, Transfer, RouteTrace,
-                             Entry)}
+                             Entry, LogCheckpoint)}
 
 
 def spec_vectors() -> dict[str, dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from crypto.keys import SigningKey
 from protocol.admission import (DEFAULT_ADMISSION, AdmissionReport, DomainEvals, Measurements)
+from protocol.checkpoint import build_checkpoint
 from protocol.entry import make_entry
 from protocol.genesis import DEFAULT_LIMITS, Genesis, Grant, MintRate
 from protocol.mesh import (EvalClaim, ExpertCapsuleManifest, HostAdvertisement, NodeCard,
@@ -53,7 +54,8 @@ def build() -> dict[str, Signed]:
                       test_cmd=(), max_price=2_000_000, latency_budget_ms=30_000,
                       created_at=T0 + 10, sig=b"",
                       messages=(ChatMessage(role="system", content="Answer briefly."),
-                                ChatMessage(role="user", content="Hello, mesh"))).signed(ALICE)
+                                ChatMessage(role="user", content="Hello, mesh")),
+                      training_use="allowed").signed(ALICE)
     auth = SpendAuthorization(net=net, payer=ALICE.public, host=BOB.public, spend_key=bytes([7]) * 32,
                               task_hash=task.id, max_charge=2_000_000, expires_at=T0 + 600,
                               sig=b"").signed(ALICE)
@@ -68,7 +70,7 @@ def build() -> dict[str, Signed]:
     receipt = InferenceWorkReceipt(
         net=net, host=BOB.public, payer=ALICE.public, task_hash=task.id,
         capsule_id=manifest.id, spend_auth=auth, charge=1_500_000, output_hash=bytes([5]) * 32,
-        tokens_out=16, started_at=T0 + 11, finished_at=T0 + 12, sig=b"").signed(BOB)
+        tokens_out=16, started_at=T0 + 11, finished_at=T0 + 12, sig=b"", training_use="allowed").signed(BOB)
     contribution = ContributionReceipt(
         net=net, contributor=BOB.public, contribution_type="eval", credit_basis="accepted_delta",
         source_policy="original work", training_use="open", anti_distillation="no third-party model outputs",
@@ -119,6 +121,8 @@ def build() -> dict[str, Signed]:
                                   created_at=T0 + 13, sig=b"").signed(ALICE),
     }
     objs["entry"] = make_entry(BOB, net, 0, b"", 1, T0 + 12, receipt)
+    # BOB's log of that one entry: the leaf is the entry's id.
+    objs["checkpoint"] = build_checkpoint(BOB, net, [objs["entry"].id], T0 + 60)
     return objs
 
 

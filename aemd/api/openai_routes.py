@@ -110,6 +110,11 @@ def common_args(ctx: "ApiContext", body: dict) -> dict:
         if not isinstance(tags, list) or len(tags) > 32 or not all(isinstance(t, str) for t in tags):
             raise bad("aem_tags must be a list of at most 32 strings")
         args["tags"] = list(dict.fromkeys(tags))
+    use = body.get("aem_training_use")      # the payer's training-use policy; default: [training] use
+    if use is not None:
+        if use not in ("allowed", "forbidden"):
+            raise bad('aem_training_use must be "allowed" or "forbidden"')
+        args["training_use"] = use
     return args
 
 
