@@ -224,6 +224,37 @@ def verify_inclusion_hash(
         raise AemError(BAD_PROOF, "inclusion proof does not lead to the root")
 
 
+def consistency_roots(first: int, second: int, path: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """The roots of the trees of ``first`` and ``second`` leaves (0 < first <
+    second) that a consistency proof leads to: the walk of RFC 9162 section
+    2.1.4.2, with the old root first in ``path`` when ``first`` is a power of
+    two. BAD_PROOF when the proof is too long or too short for the sizes."""
+    if not path:
+        raise AemError(BAD_PROOF, "consistency proof is empty")
+    fn = first - 1
+    sn = second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            raise AemError(BAD_PROOF, "consistency proof too long")
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise AemError(BAD_PROOF, "consistency proof too short")
+    return fr, sr
+
+
 def verify_consistency(
     old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
 ) -> None:
@@ -253,27 +284,7 @@ def verify_consistency(
         raise AemError(BAD_PROOF, "consistency proof is empty")
     if first & (first - 1) == 0:
         path = [first_hash, *path]
-    fn = first - 1
-    sn = second - 1
-    while fn & 1:
-        fn >>= 1
-        sn >>= 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            raise AemError(BAD_PROOF, "consistency proof too long")
-        if fn & 1 or fn == sn:
-            fr = node_hash(c, fr)
-            sr = node_hash(c, sr)
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            sr = node_hash(sr, c)
-        fn >>= 1
-        sn >>= 1
-    if sn != 0:
-        raise AemError(BAD_PROOF, "consistency proof too short")
+    fr, sr = consistency_roots(first, second, path)
     if fr != first_hash:
         raise AemError(BAD_PROOF, "consistency proof does not lead to old_root")
     if sr != second_hash:

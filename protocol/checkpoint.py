@@ -112,26 +112,7 @@ def prefix_root(old_size: int, new_size: int, new_root: bytes, proof: Sequence[b
     for p in path:
         if not isinstance(p, bytes) or len(p) != HASH_LEN:
             raise AemError(errors.BAD_PROOF, "prefix proof element is not a hash")
-    fn, sn = old_size - 1, new_size - 1
-    while fn & 1:
-        fn >>= 1
-        sn >>= 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            raise AemError(errors.BAD_PROOF, "prefix proof too long")
-        if fn & 1 or fn == sn:
-            fr = merkle.node_hash(c, fr)
-            sr = merkle.node_hash(c, sr)
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            sr = merkle.node_hash(sr, c)
-        fn >>= 1
-        sn >>= 1
-    if sn != 0:
-        raise AemError(errors.BAD_PROOF, "prefix proof too short")
+    fr, sr = merkle.consistency_roots(old_size, new_size, path)
     if sr != new_root:
         raise AemError(errors.BAD_PROOF, "prefix proof does not lead to the larger checkpoint's root")
     return fr
