@@ -28,12 +28,16 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
                     "<home>/contributions/ for the verifiers to fetch, and ask the genesis verifiers to "
                     "measure its delta. With a quorum of agreeing attestations the node appends a "
                     "ContributionReceipt, and every node's replay mints the measured delta at the genesis "
-                    "rate, once. Only knowledge is measurable today (basis eval_improvement); other types "
-                    "are refused. Refused at once: no --license (an SPDX id), no --source-policy or "
+                    "rate, once. Measurable today: knowledge (basis eval_improvement: the lift of the "
+                    "domain's eval with the file as context) and eval (basis accepted_delta: a qa eval set "
+                    "in the aem-evalset/1 format, credited for how far it separates the domain's admitted "
+                    "experts; a copy of an existing eval measures 0); other types are refused. Refused at once: no --license (an SPDX id), no --source-policy or "
                     "--training-use, a third-party-model origin without a teacher policy that allows "
                     "distillation.")
     p.add_argument("--type", required=True, choices=CONTRIBUTION_TYPES, help="what the file is")
-    p.add_argument("--file", required=True, metavar="PATH", help=f"the content (at most {MAX_CONTRIBUTION_BYTES} bytes)")
+    p.add_argument("--file", required=True, metavar="PATH",
+                   help=f"the content (at most {MAX_CONTRIBUTION_BYTES} bytes): UTF-8 text for knowledge, "
+                        "an eval-set JSON file of kind qa for eval")
     p.add_argument("--license", dest="licence", metavar="SPDX_ID", help="its licence, an SPDX id (required)")
     p.add_argument("--source-policy", metavar="TEXT", help="where it came from, under which terms (required)")
     p.add_argument("--training-use", metavar="TEXT", help="what others may train on it (required)")
@@ -41,7 +45,8 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
                    help="the TeacherPolicyCard of the model it was made with (JSON: teacher, licence, "
                         "distillation, terms); distillation must be 'allowed'")
     p.add_argument("--distilled-from", metavar="NAME", help="the third-party model it was made with")
-    p.add_argument("--domain", required=True, help="the genesis domain whose eval it should lift")
+    p.add_argument("--domain", required=True,
+                   help="the genesis domain whose eval it should lift (knowledge) or whose experts it tells apart (eval)")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="follow the measurement and attestations this long (exit 1 when it measured 0 or "
                         "failed, 5 when still running)")

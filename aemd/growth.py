@@ -12,6 +12,12 @@ peer by its hash, measures the ``eval_improvement`` figure and answers it.
 (or reuses its own earlier figure of the same commitment) and signs the core
 only when its figure is the receipt's; otherwise it refuses with its figure.
 
+An eval contribution (a qa eval set) is measured on basis ``accepted_delta``:
+every admitted GGUF expert of its domain answers the set as admission runs a
+target set (``aemd.evaluate.evaluate_gguf``), and the figure is the highest
+score minus the lowest; a copy of a genesis set or of an eval contribution
+this verifier attested measures 0 (``protocol.growth.copy_of``).
+
 The contributor's node (control command ``contribute``) asks one verifier to
 measure, builds the core with that figure, asks every verifier to attest it,
 and appends the signed ContributionReceipt once a quorum has.
@@ -37,8 +43,8 @@ from protocol import canonical, errors
 from protocol.errors import AemError
 from protocol.growth import (MAX_CONTRIBUTION_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
                              ContributionDocument, Figure, attest_problem, best_expert, build_core,
-                             contaminated_items, context_text, decode_msg, encode_msg, eval_improvement,
-                             near_duplicate_of, parse_request)
+                             check_eval_file, contaminated_items, context_text, copy_of, decode_msg,
+                             encode_msg, eval_improvement, near_duplicate_of, parse_request, separation_bp)
 from protocol.receipts import Attestation
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ SESSION_S = 900.0           # one measurement of a small model on a busy machine
 FETCH_TIMEOUT_S = 120.0
 EXPERT_FETCH_TIMEOUT_S = 1800.0
 TABLE_FILE = "growth-attested.json"
+EVALS_FILE = "growth-evals.json"     # eval set hash -> the eval contribution this verifier attested it under
 MAX_FIGURES = 4096          # figures kept in memory (oldest dropped: measured again if asked)
 
 
@@ -150,6 +157,16 @@ def measure_knowledge(model_path: Path, evalset: Any, data: bytes, n_threads: in
     return (eval_improvement(runs[True], runs[False]), score_bp(runs[True]), score_bp(runs[False]))
 
 
+def measure_eval(models: list[tuple[bytes, Path]], evalset: Any, n_threads: int | None = None
+                 ) -> list[tuple[bytes, int]]:
+    """(capsule id, score in bp) of each expert on a contributed qa set, run
+    exactly as admission runs a domain's target set (context, greedy, seed,
+    CPU, chat template or raw prompt as the file decides)."""
+    from aemd.evaluate import evaluate_gguf
+    return [(cid, evaluate_gguf(path, target=evalset, general=None, probes=None, n_threads=n_threads).target_bp)
+            for cid, path in models]
+
+
 # --- the verifier side ------------------------------------------------------------------
 
 class GrowthVerifier:
@@ -166,6 +183,8 @@ class GrowthVerifier:
         self.figures: dict[bytes, Figure] = {}      # commitment -> this verifier's figure
         self._lock = trio.Lock()                   # one measurement at a time
         self.table = self._read_table()
+        self.evals_path = node.home.root / EVALS_FILE
+        self.evals = self._read_evals()            # eval hash -> (commitment, file hash)
         self.measured = 0
         self.attested = 0
         self.refused = 0
@@ -180,7 +199,25 @@ class GrowthVerifier:
             log.warning("%s unreadable: starting an empty table of attested contributions", self.table_path)
             return {}
 
-    def _remember(self, doc: ContributionDocument) -> None:
+    def _read_evals(self) -> dict[bytes, tuple[bytes, bytes]]:
+        try:
+            raw = json.loads(self.evals_path.read_text())
+            return {bytes.fromhex(k): (bytes.fromhex(v["commitment"]), bytes.fromhex(v["file"]))
+                    for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError, TypeError, KeyError):
+            log.warning("%s unreadable: starting an empty table of attested evals", self.evals_path)
+            return {}
+
+    def _remember(self, doc: ContributionDocument, fig: Figure) -> None:
+        if doc.type == "eval":
+            eh = bytes.fromhex(fig.eval_id)
+            if eh not in self.evals:
+                self.evals[eh] = (doc.commitment, doc.file_hash)
+                atomic_write(self.evals_path, json.dumps(
+                    {k.hex(): {"commitment": c.hex(), "file": f.hex()} for k, (c, f) in self.evals.items()},
+                    sort_keys=True).encode(), 0o600)
         if doc.file_hash in self.table:
             return
         self.table[doc.file_hash] = doc.commitment
@@ -202,7 +239,7 @@ class GrowthVerifier:
                     resp = {"ok": False, "code": errors.REFUSED, "detail": problem, "figure": fig.to_map()}
                 else:
                     att = core.attested_by(self.node.key)
-                    self._remember(doc)
+                    self._remember(doc, fig)
                     self.attested += 1
                     resp = {"ok": True, "figure": fig.to_map(), "attestation": att.to_map()}
         except AemError as exc:
@@ -222,12 +259,13 @@ class GrowthVerifier:
             return fig
 
     async def _measure(self, doc: ContributionDocument, peer: str) -> Figure:
-        from aemd.artefacts import fetch_artefact
         from aemd.evaluate import load_evalset
         node = self.node
         dom = node.genesis.admission.domain(doc.domain)
         if dom is None:
             raise AemError(errors.REFUSED, f"the genesis judges no domain {doc.domain!r}")
+        if doc.type == "eval":
+            return await self._measure_eval(doc, peer)
         evalset = load_evalset(dom.target_eval)
         eval_id = evalset.hash.hex()
         state = await node.store.admission()
@@ -243,9 +281,7 @@ class GrowthVerifier:
         dup = near_duplicate_of(self.table, doc)
         if dup is not None:
             return zero(f"the same file as contribution {dup.hex()[:16]}")
-        path = await fetch_artefact(node.p2p, peer, _Wanted(node.net, doc.file_hash, doc.file_size),
-                                    self.fetched, max_bytes=MAX_CONTRIBUTION_BYTES, timeout_s=FETCH_TIMEOUT_S)
-        data = await trio.to_thread.run_sync(path.read_bytes)
+        data = await self._fetch(doc, peer)
         if doc.type != "knowledge":
             return zero(f"a {doc.type} contribution is not measurable yet")
         text = data.decode("utf-8", errors="replace")
@@ -260,6 +296,77 @@ class GrowthVerifier:
         log.info("contribution %s: %s with it %d bp, without %d bp: delta %d bp (%.0f s)",
                  doc.commitment.hex()[:16], evalset.name, with_bp, without_bp, delta, time.monotonic() - t0)
         return Figure(doc.commitment, eval_id, expert, delta, with_bp, without_bp, "")
+
+    async def _fetch(self, doc: ContributionDocument, peer: str) -> bytes:
+        from aemd.artefacts import fetch_artefact
+        node = self.node
+        path = await fetch_artefact(node.p2p, peer, _Wanted(node.net, doc.file_hash, doc.file_size),
+                                    self.fetched, max_bytes=MAX_CONTRIBUTION_BYTES, timeout_s=FETCH_TIMEOUT_S)
+        return await trio.to_thread.run_sync(path.read_bytes)
+
+    def _existing_evals(self, doc: ContributionDocument) -> list[tuple[str, bytes, tuple]]:
+        """The evals an eval contribution must not copy, in the order the
+        spec reports them: each domain's target and general sets, the probe
+        set, then the eval contributions this verifier attested (by hash)."""
+        from aemd.artefacts import final_path
+        from aemd.evaluate import load_evalset
+        from protocol.evalset import parse_evalset
+        params = self.node.genesis.admission
+        named: list[tuple[str, bytes]] = []
+        for d in params.domains:
+            named += [(f"{d.domain}'s {role} set", h) for role, h in (("target", d.target_eval),
+                                                                         ("general", d.general_eval)) if h]
+        if params.probe_set:
+            named.append(("the probe set", params.probe_set))
+        out: list[tuple[str, bytes, tuple]] = []
+        for name, h in named:
+            try:
+                s = load_evalset(h)
+                out.append((f"{name} {s.name}", h, s.items))
+            except AemError:
+                out.append((name, h, ()))     # not an eval set here (code-patch fixtures): its hash only
+        for eh in sorted(self.evals):
+            commitment, file_hash = self.evals[eh]
+            if commitment == doc.commitment:
+                continue
+            try:
+                items = parse_evalset(final_path(self.fetched, file_hash).read_bytes()).items
+            except (OSError, AemError):
+                items = ()
+            out.append((f"eval contribution {commitment.hex()[:16]}", eh, items))
+        return out
+
+    async def _measure_eval(self, doc: ContributionDocument, peer: str) -> Figure:
+        """The accepted_delta figure: how far the contributed set separates
+        the domain's admitted GGUF experts (0 for a copy of an existing eval)."""
+        node = self.node
+        data = await self._fetch(doc, peer)
+        s = check_eval_file(data)
+        eval_id = s.hash.hex()
+
+        def zero(reason: str) -> Figure:
+            log.info("eval contribution %s measures 0: %s", doc.commitment.hex()[:16], reason)
+            return Figure(doc.commitment, eval_id, b"", 0, 0, 0, reason)
+        dup = near_duplicate_of(self.table, doc)
+        if dup is not None:
+            return zero(f"the same file as contribution {dup.hex()[:16]}")
+        reason = await trio.to_thread.run_sync(lambda: copy_of(s, self._existing_evals(doc)))
+        if reason:
+            return zero(f"a copy of an existing eval: {reason}")
+        state = await node.store.admission()
+        experts = sorted(cid for cid, c in state.capsules.items()
+                         if cid in state.admitted() and c.subject.domain == doc.domain and c.manifest.kind == "gguf")
+        if len(experts) < 2:
+            return zero(f"{len(experts)} admitted expert(s) of {doc.domain!r}: a separation needs two")
+        models = [(cid, await self._expert_file(state.capsules[cid].manifest)) for cid in experts]
+        t0 = time.monotonic()
+        scores = await trio.to_thread.run_sync(measure_eval, models, s, self.eval_threads)
+        delta = separation_bp([bp for _, bp in scores])
+        top = min(scores, key=lambda r: (-r[1], r[0]))
+        log.info("eval contribution %s: %s on %d experts: %s: separation %d bp (%.0f s)",
+                 doc.commitment.hex()[:16], s.name, len(scores),
+                 ", ".join(f"{cid.hex()[:12]} {bp}" for cid, bp in scores), delta, time.monotonic() - t0)
+        return Figure(doc.commitment, eval_id, top[0], delta, top[1], min(bp for _, bp in scores), "")
 
     async def _expert_file(self, manifest: Any) -> Path:
         """The expert's checked artefact: the copy admission fetched, or fetched anew."""
@@ -280,7 +387,7 @@ class GrowthVerifier:
 
     def status(self) -> dict:
         return {"measured": self.measured, "attested": self.attested, "refused": self.refused,
-                "files_seen": len(self.table)}
+                "files_seen": len(self.table), "evals_seen": len(self.evals)}
 
 
 # --- the contributor side ---------------------------------------------------------------

@@ -44,6 +44,7 @@ REEVAL_UNAVAILABLE_AFTER = 3         # failed fetches after which a re-evaluatio
 UNAVAILABLE = "artefact unavailable from its host"
 MISMATCH = "artefact does not match the manifest"
 TOO_BIG = "artefact larger than the budget of its node class"
+BAD_GGUF = "the artefact is not a readable GGUF model"
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,15 @@ class VerifierService:
                                 target_bp=fig.target_bp, general_eval=b"", general_bp=0,
                                 trigger_divergence_bp=0, fingerprint=b"", results_hash=fig.results_hash)
         from aemd import evaluate
-        memory_mb, tensor_hash = evaluate.static_figures(path)
+        try:
+            memory_mb, tensor_hash = evaluate.static_figures(path)
+        except AemError as exc:
+            if exc.code not in (errors.BAD_VALUE, errors.TOO_LARGE, errors.BAD_ENCODING):
+                raise
+            # A file that is not a GGUF every verifier can read: the same
+            # fixed reason from each (details differ by version), so they agree.
+            log.info("%s is not a readable GGUF: %s", path.name, exc.detail)
+            return not_measured(subject, BAD_GGUF, manifest.content_hash, artefact_ok=True)
         cls = params.node_class(manifest.node_class)
         if dom is None or cls is None or memory_mb > cls.memory_mb:
             # It does not fit the class it claims (or nothing judges its

@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 
 from crypto.hashing import H
 from protocol import canonical, strictjson
+from protocol.admission import fingerprint_agreement_bp  # noqa: F401  (the gate's own rule, re-exported)
 from protocol.errors import BAD_TYPE, BAD_VALUE, WRONG_OBJECT, AemError
 
 __all__ = [
@@ -282,16 +283,6 @@ def fingerprint(outputs: Sequence[bytes]) -> bytes:
     if not outputs:
         raise AemError(BAD_VALUE, "a fingerprint needs at least one probe output")
     return b"".join(H(bytes(o))[:FINGERPRINT_BYTES] for o in outputs)
-
-
-def fingerprint_agreement_bp(a: bytes, b: bytes) -> int:
-    """Probes whose 4-byte output hashes agree, in basis points of the probes."""
-    if len(a) != len(b) or not a or len(a) % FINGERPRINT_BYTES:
-        raise AemError(BAD_VALUE, "fingerprints of different probe sets do not compare")
-    n = len(a) // FINGERPRINT_BYTES
-    same = sum(1 for k in range(0, len(a), FINGERPRINT_BYTES)
-               if a[k:k + FINGERPRINT_BYTES] == b[k:k + FINGERPRINT_BYTES])
-    return same * BP // n
 
 
 def trigger_divergence_bp(clean: Sequence[bool], triggered: Sequence[Sequence[bool]]) -> int:

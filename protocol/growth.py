@@ -13,6 +13,12 @@ points, never negative. It is 0 when the contribution contains the eval's
 items (word shingles, :func:`contaminated_items`) or repeats the file of an
 earlier contribution under another document (:func:`near_duplicate_of`).
 
+The ``accepted_delta`` figure of an eval contribution (a qa eval set): how far
+it separates the admitted experts of its domain, the highest score minus the
+lowest (:func:`separation_bp`); 0 with fewer than two experts, and 0 for a copy
+of an existing eval (:func:`copy_of`: the same content hash, or most of its
+items' prompts shingled from one existing set's prompts).
+
 Everything here is pure: bytes and values in, values out. The daemon's shell
 (``aemd/growth.py``) runs the model, the streams and the files.
 """
@@ -26,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from crypto.hashing import H
 from protocol import canonical, errors
 from protocol.errors import AemError
-from protocol.evalset import BP, EvalItem, score_bp
+from protocol.evalset import BP, EvalItem, EvalSet, parse_evalset, score_bp
 from protocol.mesh import TEACHER_TERMS, TeacherPolicyCard
 from protocol.receipts import CONTRIBUTION_TYPES, ContributionReceipt
 
@@ -37,11 +43,16 @@ __all__ = [
     "words", "shingles", "contaminated_items", "near_duplicate_of", "context_text",
     "eval_improvement", "Figure", "build_core", "attest_problem", "best_expert",
     "encode_msg", "decode_msg", "MAX_REQUEST_BYTES", "MAX_RESPONSE_BYTES",
+    "BASES", "EVAL_BASIS", "COPY_BP", "basis_of", "check_eval_file", "copied_items", "copy_of",
+    "separation_bp",
 ]
 
 DOC_FORMAT = "aem-contribution/1"
 BASIS = "eval_improvement"
-MEASURABLE = ("knowledge",)            # types with a measured figure today; the others are refused
+EVAL_BASIS = "accepted_delta"
+BASES = {"knowledge": BASIS, "eval": EVAL_BASIS}   # the basis each measurable type is credited on
+MEASURABLE = tuple(BASES)              # types with a measured figure today; the others are refused
+COPY_BP = 5000                         # an eval is a copy when half its items come from one set
 SHINGLE_WORDS = 8                      # words per shingle
 CONTAMINATION_BP = 5000                # an item is in the contribution when half its shingles are
 CONTEXT_BUDGET_BYTES = 2048            # of the contribution's text supplied as context
@@ -198,15 +209,37 @@ class ContributionDocument:
         if type not in CONTRIBUTION_TYPES:
             raise AemError(errors.BAD_VALUE, f"--type must be one of {', '.join(CONTRIBUTION_TYPES)}")
         if type not in MEASURABLE:
-            raise AemError(errors.REFUSED, f"a {type} contribution is not measurable yet (only "
-                                           f"{', '.join(MEASURABLE)} has a measured delta: specs/growth.md)")
+            raise AemError(errors.REFUSED, f"a {type} contribution is not measurable yet (measured "
+                                           f"today: {', '.join(MEASURABLE)}; specs/growth.md)")
         if type == "knowledge":
             try:
                 bytes(data).decode("utf-8")
             except UnicodeDecodeError:
                 raise AemError(errors.REFUSED, "a knowledge contribution is UTF-8 text") from None
+        if type == "eval":
+            check_eval_file(data)
         return cls(type=type, domain=domain, licence=lic, source_policy=src, training_use=use,
                    teacher_policy=teacher_policy, file_hash=H(bytes(data)), file_size=len(data))
+
+
+def basis_of(type: str) -> str:
+    """The credit basis a measurable contribution type is credited on."""
+    basis = BASES.get(type)
+    if basis is None:
+        raise AemError(errors.REFUSED, f"a {type} contribution is not measurable yet")
+    return basis
+
+
+def check_eval_file(data: bytes) -> EvalSet:
+    """The eval set an eval contribution's file holds: a valid set of kind
+    ``qa`` (``specs/admission-evals.md``), or AemError(REFUSED) saying why not."""
+    try:
+        s = parse_evalset(bytes(data))
+    except AemError as exc:
+        raise AemError(errors.REFUSED, f"an eval contribution is an aem-evalset/1 file: {exc.detail}"[:300]) from None
+    if s.kind != "qa":
+        raise AemError(errors.REFUSED, f"an eval contribution is an eval set of kind qa, not {s.kind}")
+    return s
 
 
 # --- contamination and near-duplicates -------------------------------------------------
@@ -276,6 +309,56 @@ def near_duplicate_of(table: Mapping[bytes, bytes], doc: ContributionDocument) -
     return earlier if earlier is not None and earlier != doc.commitment else None
 
 
+def copied_items(items: Iterable[EvalItem], source: Iterable[EvalItem], *, k: int = SHINGLE_WORDS,
+                 threshold_bp: int = CONTAMINATION_BP) -> list[int]:
+    """Indices of the ``items`` whose prompt comes from ``source``: at least
+    ``threshold_bp`` of its prompt's shingles are runs of words of one of the
+    source's prompts (runs never cross from one prompt to the next). Answers
+    do not count: the same questions with reworded answers are the same eval."""
+    prompts = [words(it.prompt) for it in source]
+    cache: dict[int, set[tuple[str, ...]]] = {}
+
+    def pool(n: int) -> set[tuple[str, ...]]:
+        if n not in cache:
+            cache[n] = set().union(*(_runs(pw, n) for pw in prompts)) if prompts else set()
+        return cache[n]
+    found = []
+    for i, it in enumerate(items):
+        pw = words(it.prompt)
+        mine = shingles(pw, k)
+        if not mine:
+            continue
+        have = pool(min(len(pw), k))
+        hit = sum(1 for s in mine if s in have)
+        if hit * BP >= threshold_bp * len(mine):
+            found.append(i)
+    return found
+
+
+def copy_of(s: EvalSet, existing: Iterable[tuple[str, bytes, Sequence[EvalItem]]], *,
+            threshold_bp: int = COPY_BP) -> str:
+    """Why ``s`` is a copy of an existing eval (``""``: it is not).
+    ``existing`` holds (name, content hash, items) of the sets it must not
+    repeat, in the order to report them: a set with the same content hash (a
+    reformatted file of the same set), or one from which at least
+    ``threshold_bp`` of ``s``'s items come (:func:`copied_items`)."""
+    for name, h, items in existing:
+        if h == s.hash:
+            return f"the same eval set as {name}"
+        n = len(copied_items(s.items, items))
+        if n * BP >= threshold_bp * len(s.items):
+            return f"{n} of its {len(s.items)} items come from {name}"
+    return ""
+
+
+def separation_bp(scores: Sequence[int]) -> int:
+    """How far an eval separates the experts it was run on: the highest score
+    minus the lowest, in basis points; 0 with fewer than two experts."""
+    if any(type(x) is not int or not 0 <= x <= BP for x in scores):
+        raise AemError(errors.BAD_VALUE, f"scores are basis points in 0..{BP}")
+    return max(scores) - min(scores) if len(scores) >= 2 else 0
+
+
 # --- the figure -------------------------------------------------------------------------
 
 def context_text(data: bytes) -> str:
@@ -296,9 +379,11 @@ def eval_improvement(with_context: Sequence[bool], without: Sequence[bool]) -> i
 
 @dataclass(frozen=True)
 class Figure:
-    """One verifier's measurement of one document."""
+    """One verifier's measurement of one document. For an eval contribution
+    ``eval_id`` is the contributed set's hash, ``expert`` the best-scoring
+    expert on it, ``with_bp``/``without_bp`` the highest and lowest score."""
     commitment: bytes
-    eval_id: str           # the target eval set's hash, hex
+    eval_id: str           # the eval set's hash, hex: the domain's target set (knowledge), the contributed set (eval)
     expert: bytes          # the capsule id measured with (b"" when none could be)
     delta: int             # basis points; 0 when ``zero_reason``
     with_bp: int
@@ -322,7 +407,7 @@ def build_core(*, net: bytes, contributor: bytes, doc: ContributionDocument, eva
                created_at: int) -> ContributionReceipt:
     """The receipt every verifier attests: unsigned, no attestations yet."""
     return ContributionReceipt(
-        net=net, contributor=contributor, contribution_type=doc.type, credit_basis=BASIS,
+        net=net, contributor=contributor, contribution_type=doc.type, credit_basis=basis_of(doc.type),
         source_policy=doc.source_policy, training_use=doc.training_use,
         anti_distillation=anti_distillation(doc.teacher_policy), content_commitment=doc.commitment,
         eval_id=eval_id, measured_delta=delta, created_at=created_at, attestations=(), sig=b"")

@@ -4,12 +4,15 @@ Pure parts first (the document and its commitment, shingling and
 contamination, the attest decision, the command's refusals, the spec's
 vectors); then one real mesh: four `aemd start` processes on 127.0.0.1, n0
 hosts SmolLM2-135M-Instruct and contributes, n1..n3 are the genesis verifiers
-(quorum 2). SmolLM2 is admitted to the `zorblax` domain first (its target set
-holds eight made-up facts and two real ones: it knows the real ones only);
-then a licensed knowledge file of the made-up facts lifts that eval and mints
-once on every node's replay, the same file again mints nothing, a file holding
-the eval's items measures 0, and a receipt attested by non-verifiers mints
-nothing.
+(quorum 2). Two experts are admitted to the `zorblax` domain first (the test
+genesis asks for no gain over the best): a random tiny model (0 bp), then
+SmolLM2 (its target set holds eight made-up facts and two real ones: it knows
+the real ones only). A licensed knowledge file of the made-up facts lifts that
+eval and mints once on every node's replay, the same file again mints nothing,
+a file holding the eval's items measures 0; an eval of real capitals that
+SmolLM2 answers and the random model does not separates the two and mints
+once, a reformatted copy of the domain's target set and a set made mostly of
+its items mint nothing; a receipt attested by non-verifiers mints nothing.
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ from hypothesis import strategies as st
 from crypto.keys import SigningKey
 from protocol import canonical, errors
 from protocol.errors import AemError
-from protocol.evalset import EvalItem
+from protocol.evalset import EvalItem, evalset_from_document, parse_evalset
 from protocol.growth import (CONTEXT_BUDGET_BYTES, CONTEXT_PREFIX, ContributionDocument, Figure,
-                             attest_problem, best_expert, build_core, check_licence, contaminated_items,
-                             context_text, decode_msg, encode_msg, eval_improvement, near_duplicate_of,
-                             parse_request, shingles, words)
+                             attest_problem, basis_of, best_expert, build_core, check_eval_file,
+                             check_licence, contaminated_items, context_text, copied_items, copy_of,
+                             decode_msg, encode_msg, eval_improvement, near_duplicate_of, parse_request,
+                             separation_bp, shingles, words)
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWLEDGE = Path(__file__).resolve().parent / "fixtures" / "zorblax-knowledge.txt"
+CAPITALS = Path(__file__).resolve().parent / "fixtures" / "capitals-eval.json"
 SPEC = ROOT / "specs" / "growth.md"
-RATE = 1000                       # micro-credits per basis point of eval_improvement in the test genesis
+RATE = 1000                       # micro-credits per basis point (either basis) in the test genesis
 
 
 def doc_of(data: bytes = b"some facts", **kw) -> ContributionDocument:
@@ -185,6 +190,87 @@ def test_a_verifier_attests_only_its_own_figure():
         decode_msg(b"\x01" * 10, 5)
 
 
+# --- eval contributions: the copy rule and the separation --------------------------------------
+
+def qa_set(items: list[tuple[str, str]], name: str = "some-set", max_tokens: int = 16):
+    return evalset_from_document({"format": "aem-evalset/1", "name": name, "kind": "qa",
+                                  "scorer": "first_line_contains", "max_tokens": max_tokens,
+                                  "items": [{"prompt": p, "answer": a} for p, a in items]})
+
+
+prompt_words = st.lists(word, min_size=1, max_size=14)
+
+
+@given(source=st.lists(prompt_words, min_size=1, max_size=6, unique_by=tuple),
+       fresh=st.lists(st.lists(other_word, min_size=1, max_size=12), min_size=1, max_size=6, unique_by=tuple),
+       take=st.integers(0, 6), upper=st.booleans(), data=st.data())
+@settings(max_examples=120, deadline=None)
+def test_an_eval_made_mostly_of_an_existing_sets_prompts_is_a_copy(source, fresh, take, upper, data):
+    src = [EvalItem(" ".join(p) + "?", "yes") for p in source]
+    taken = src[:min(take, len(src))]
+    # Copied prompts keep their words whatever the case, spacing or punctuation; answers do not count.
+    copied = [(("  ".join(w.upper() if upper else w for w in it.prompt[:-1].split())) + " ?!", "no")
+              for it in taken]
+    new = [(" ".join(p) + "?", "x") for p in fresh]
+    items = data.draw(st.permutations(copied + new))
+    s = qa_set(items)
+    found = copied_items(s.items, src)
+    assert sorted(s.items[i].prompt for i in found) == sorted(p for p, _ in copied)
+    reason = copy_of(s, [("src", b"\x00" * 32, src)])
+    assert bool(reason) == (len(copied) * 2 >= len(items)), (reason, len(copied), len(items))
+    # Nothing is a copy of a set that shares no words with it, but every set is a copy of itself.
+    assert copy_of(qa_set(new), [("src", b"\x00" * 32, src)]) == ""
+    assert copy_of(s, [("itself", s.hash, ())]) == "the same eval set as itself"
+
+
+def test_a_reformatted_file_of_a_set_is_the_same_set_and_a_copy():
+    from aemd.evaluate import SHIPPED_DIR, load_evalset
+    target = load_evalset("zorblax-target")
+    raw = json.loads((SHIPPED_DIR / "zorblax-target.json").read_text())
+    data = json.dumps(raw, indent=None, separators=(",", ":"), sort_keys=True).encode()
+    assert data != (SHIPPED_DIR / "zorblax-target.json").read_bytes()
+    assert check_eval_file(data).hash == target.hash
+    assert copy_of(check_eval_file(data), [("zorblax-target", target.hash, target.items)]) \
+        == "the same eval set as zorblax-target"
+    # A short prompt of the source's words in a row is one shingle: found; a rephrasing is not.
+    assert copied_items([EvalItem("capital of France", "Paris"), EvalItem("What's France's capital?", "Paris")],
+                        target.items) == [0]
+    # The shipped capitals fixture copies no shipped set.
+    mine = parse_evalset(CAPITALS.read_bytes())
+    from aemd.evaluate import shipped_evalsets
+    assert copy_of(mine, [(s.name, s.hash, s.items) for s in shipped_evalsets()]) == ""
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_the_separation_is_the_spread_of_the_scores(scores):
+    sep = separation_bp(scores)
+    assert sep == (max(scores) - min(scores) if len(scores) >= 2 else 0)
+    assert 0 <= sep <= 10_000 and separation_bp(list(reversed(scores))) == sep
+
+
+def test_the_separation_refuses_what_is_not_a_score():
+    for bad in ([1, 10_001], [-1, 5], [1.5, 2]):
+        with pytest.raises(AemError):
+            separation_bp(bad)
+
+
+def test_an_eval_contribution_is_credited_on_accepted_delta():
+    d = doc_of(CAPITALS.read_bytes(), type="eval")
+    assert basis_of("eval") == "accepted_delta" and basis_of("knowledge") == "eval_improvement"
+    core = build_core(net=b"\x07" * 32, contributor=b"\x01" * 32, doc=d, eval_id="ab" * 32, delta=10_000,
+                      created_at=9)
+    assert core.credit_basis == "accepted_delta" and core.contribution_type == "eval"
+    fig = Figure(d.commitment, "ab" * 32, b"\x01" * 32, 10_000, 10_000, 0, "")
+    assert attest_problem(core, d, net=b"\x07" * 32, contributor=b"\x01" * 32, figure=fig) == ""
+    # A receipt claiming the other basis for the same document is not attested.
+    assert "credit_basis" in attest_problem(core.replace(credit_basis="eval_improvement"), d, net=b"\x07" * 32,
+                                            contributor=b"\x01" * 32, figure=fig)
+    with pytest.raises(AemError) as e:
+        basis_of("skill")
+    assert e.value.code == errors.REFUSED
+
+
 # --- the command's refusals -----------------------------------------------------------------
 
 def ctl(capsys, *args: str) -> tuple[int, str]:
@@ -214,6 +300,12 @@ def test_the_command_refuses_missing_terms_and_a_forbidden_teacher(tmp_path, cap
     forbidden.write_text(json.dumps({"teacher": "BigModel-70B", "licence": "proprietary",
                                      "distillation": "forbidden", "terms": "no distillation"}))
     cases["distillation is 'forbidden'"] = [*base, *full, "--teacher-policy", str(forbidden)]
+    # An eval contribution is a qa eval set: a probe set or another file is refused at the command.
+    from aemd.evaluate import SHIPPED_DIR
+    ev = ["contribute", "--type", "eval", "--domain", "zorblax", *home, *full, "--file"]
+    cases["of kind qa, not probes"] = [*ev, str(SHIPPED_DIR / "probes.json")]
+    cases["is an aem-evalset/1 file"] = [*ev, str(f)]
+    cases["aem-evalset/1 file: format must be"] = [*ev, str(SHIPPED_DIR / "code-patch-fixtures.json")]
     for want, argv in cases.items():
         rc, err = ctl(capsys, *argv)
         lines = err.strip().splitlines()
@@ -224,6 +316,8 @@ def test_the_command_refuses_missing_terms_and_a_forbidden_teacher(tmp_path, cap
     allowed.write_text(json.dumps({"teacher": "BigModel-70B", "licence": "Apache-2.0",
                                    "distillation": "allowed", "terms": "outputs may be distilled"}))
     rc, err = ctl(capsys, *base, *full, "--teacher-policy", str(allowed), "--distilled-from", "BigModel-70B")
+    assert rc == 3, err
+    rc, err = ctl(capsys, *ev, str(CAPITALS))     # a qa set passes too
     assert rc == 3, err
 
 
@@ -247,6 +341,14 @@ def test_the_spec_vectors_hold():
     items = [EvalItem(i["prompt"], i["answer"]) for i in c["items"]]
     for case in c["texts"]:
         assert contaminated_items(case["text"], items) == case["found"], case
+    cp = v["copy"]
+    source = [EvalItem(i["prompt"], i["answer"]) for i in cp["source"]]
+    for case in cp["sets"]:
+        s = qa_set([(i["prompt"], i["answer"]) for i in case["items"]])
+        assert copied_items(s.items, source) == case["copied"], case
+        assert copy_of(s, [("source", b"\x00" * 32, source)]) == case["reason"], case
+    for case in cp["separations"]:
+        assert separation_bp(case["scores"]) == case["separation_bp"], case
 
 
 def current_vectors() -> dict:
@@ -259,10 +361,28 @@ def current_vectors() -> dict:
              "what is the capital of the planet zorblax",
              "Tell me what is the capital of the planet called Zorblax. It is Quenthar, of course."]
     ev = [EvalItem(**i) for i in items]
+    source = [{"prompt": "What is the capital of the planet Zorblax?", "answer": "Quenthar"},
+              {"prompt": "Which metal is mined in the Zorblax mountains of Vresh?", "answer": "Lumarite"}]
+    sets = [[{"prompt": "WHAT is the capital of the planet Zorblax", "answer": "Quenthar"},
+             {"prompt": "What is the capital of Ireland?", "answer": "Dublin"}],
+            [{"prompt": "Which metal is mined in the mountains of Vresh on Zorblax?", "answer": "Lumarite"},
+             {"prompt": "What is the capital of Ireland?", "answer": "Dublin"}],
+            [{"prompt": "What is the capital of Ireland?", "answer": "Dublin"},
+             {"prompt": "What is the capital of Hungary?", "answer": "Budapest"},
+             {"prompt": "capital of the planet Zorblax", "answer": "Quenthar"}]]
+    src = [EvalItem(**i) for i in source]
+
+    def copy_case(items):
+        s = qa_set([(i["prompt"], i["answer"]) for i in items])
+        return {"items": items, "copied": copied_items(s.items, src),
+                "reason": copy_of(s, [("source", b"\x00" * 32, src)])}
     return {"document": {"file_text": text, "map": {**d.to_map(), "file_hash": d.file_hash.hex()},
                          "canonical_hex": d.encode().hex(), "commitment": d.commitment.hex()},
             "contamination": {"items": items,
-                              "texts": [{"text": t, "found": contaminated_items(t, ev)} for t in texts]}}
+                              "texts": [{"text": t, "found": contaminated_items(t, ev)} for t in texts]},
+            "copy": {"source": source, "sets": [copy_case(x) for x in sets],
+                     "separations": [{"scores": sc, "separation_bp": separation_bp(sc)}
+                                     for sc in ([10_000, 0], [4000, 10_000, 7000], [6000], [])]}}
 
 
 def test_the_spec_vectors_are_current():
@@ -285,6 +405,7 @@ WAIT_S = 900
 def world(tmp_path_factory):
     from aemd.evaluate import load_evalset
     from aemd.executors.models import smollm2_path
+    from aemd.executors.tinygguf import TINY_MODEL, write_tiny_llama_gguf
     from protocol.admission import DEFAULT_ADMISSION, DomainEvals, NodeClass
     from protocol.genesis import MintRate
     import tests.nodekit as nodekit
@@ -293,31 +414,40 @@ def world(tmp_path_factory):
         admitted_only=True, classes=(NodeClass(name="cpu", memory_mb=8192),),
         domains=(DomainEvals(domain="zorblax", target_eval=load_evalset("zorblax-target").hash,
                              general_eval=b"", baseline_bp=0, general_baseline_bp=0),),
-        reeval_interval_s=0)
+        # No gain over the best asked: the random model (0 bp) is admitted
+        # first, then SmolLM2 (1000 bp); an eval contribution needs two experts.
+        min_gain_bp=0, probe_set=load_evalset("probes").hash, reeval_interval_s=0)
     mesh = nodekit.Mesh(root, 4, verifier_nodes=VERIFIERS, quorum=2, admission=admission,
                         node_configs={i: VERIFIER_CONFIG for i in VERIFIERS},
-                        mint_rates=(MintRate(basis="eval_improvement", micro_per_unit=RATE),))
-    assert mesh.genesis.mint_rates[0].basis == "eval_improvement"
+                        mint_rates=(MintRate(basis="eval_improvement", micro_per_unit=RATE),
+                                    MintRate(basis="accepted_delta", micro_per_unit=RATE)))
+    assert {r.basis for r in mesh.genesis.mint_rates} == {"eval_improvement", "accepted_delta"}
     smol = root / "smol.gguf"
     shutil.copyfile(smollm2_path(), smol)
+    write_tiny_llama_gguf(root / "random.gguf", seed=7, **TINY_MODEL)
     mesh.start_line()
     try:
         host = mesh.nodes[HOST]
-        out = aemctl(host, "expert", "add", str(smol), "--domain", "zorblax", "--price", "0.1", "--class", "cpu",
-                     "--submit", "--json")
-        assert out.returncode == 0, out.stderr
-        cid = json.loads(out.stdout)["capsule_id"]
-
-        def admitted():
-            mesh.sync_now()
-            rows = [json.loads(aemctl(n, "experts", "--json").stdout)["experts"] for n in mesh.nodes]
-            return all(any(r["capsule_id"] == cid and r["status"] == "admitted" for r in rs) for rs in rows)
         from tests.nodekit import wait_for
-        try:
-            wait_for("SmolLM2 admitted in zorblax on every node", admitted, timeout=WAIT_S, every=1.0)
-        except AssertionError:
-            print(mesh.logs())
-            raise
+
+        def admit(path: Path, what: str) -> str:
+            out = aemctl(host, "expert", "add", str(path), "--domain", "zorblax", "--price", "0.1",
+                         "--class", "cpu", "--submit", "--json")
+            assert out.returncode == 0, out.stderr
+            cid = json.loads(out.stdout)["capsule_id"]
+
+            def admitted():
+                mesh.sync_now()
+                rows = [json.loads(aemctl(n, "experts", "--json").stdout)["experts"] for n in mesh.nodes]
+                return all(any(r["capsule_id"] == cid and r["status"] == "admitted" for r in rs) for rs in rows)
+            try:
+                wait_for(f"{what} admitted in zorblax on every node", admitted, timeout=WAIT_S, every=1.0)
+            except AssertionError:
+                print(mesh.logs())
+                raise
+            return cid
+        admit(root / "random.gguf", "the random model")
+        cid = admit(smol, "SmolLM2")
         yield mesh, cid, root
     finally:
         mesh.close()
@@ -329,8 +459,8 @@ def aemctl(node, *args: str, timeout: float = WAIT_S + 60) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
-def contribute(node, path: Path, *extra: str) -> tuple[int, dict | None, str]:
-    out = aemctl(node, "contribute", "--type", "knowledge", "--file", str(path), "--domain", "zorblax",
+def contribute(node, path: Path, *extra: str, kind: str = "knowledge") -> tuple[int, dict | None, str]:
+    out = aemctl(node, "contribute", "--type", kind, "--file", str(path), "--domain", "zorblax",
                  *extra, "--wait", str(WAIT_S), "--json")
     return out.returncode, (json.loads(out.stdout) if out.stdout.strip() else None), out.stderr
 
@@ -399,6 +529,56 @@ def test_a_file_holding_the_evals_items_measures_zero_and_mints_nothing(world, t
     mesh.sync_now()
     after = replays(mesh)[0]
     assert after["totals"]["minted"] == before["totals"]["minted"] and after["entries"] == before["entries"]
+
+
+@pytest.mark.real
+@pytest.mark.model
+def test_an_eval_that_separates_the_two_experts_mints_once_and_a_copy_mints_nothing(world, tmp_path):
+    from aemd.evaluate import SHIPPED_DIR
+    mesh, _, _ = world
+    host = mesh.nodes[HOST]
+    before = replays(mesh)[0]
+    rc, job, err = contribute(host, CAPITALS, *TERMS, kind="eval")
+    assert rc == 0 and job["state"] == "appended", (err, job, mesh.logs())
+    assert job["attestations"] >= 2 and job["eval_id"] == parse_evalset(CAPITALS.read_bytes()).hash.hex()
+    # SmolLM2 names these capitals; the random model names none.
+    assert job["delta"] >= 6000, job
+    rs = agreed_replays(mesh, before["entries"] + 1)
+    minted = job["delta"] * RATE
+    for r in rs:
+        assert r["totals"]["minted"] == before["totals"]["minted"] + minted
+        assert r["balances"][host.account.hex()]["available"] == \
+            before["balances"][host.account.hex()]["available"] + minted
+    # The same eval file again: the same commitment, attested again, never minted again.
+    rc, job2, err = contribute(host, CAPITALS, *TERMS, kind="eval")
+    assert rc == 0 and job2["state"] == "appended" and job2["commitment"] == job["commitment"], (err, job2)
+    rs = agreed_replays(mesh, before["entries"] + 2)
+    for r in rs:
+        assert r["totals"]["minted"] == before["totals"]["minted"] + minted
+        assert {"entry": job2["entry_id"], "code": "DUPLICATE_CONTRIBUTION"} in r["rejected"]
+    # The same set in another layout, offered anew: a copy of the eval contribution the verifiers attested.
+    again = tmp_path / "capitals-again.json"
+    again.write_text(json.dumps(json.loads(CAPITALS.read_text()), sort_keys=True))
+    rc, job5, err = contribute(host, again, *TERMS, kind="eval")
+    assert rc == 1 and job5["state"] == "zero" and "the same eval set as eval contribution" in job5["detail"], \
+        (err, job5)
+    # The domain's own target set in another layout (another file hash, the same set): a copy.
+    raw = json.loads((SHIPPED_DIR / "zorblax-target.json").read_text())
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(raw, sort_keys=True, indent=1))
+    rc, job3, err = contribute(host, copy, *TERMS, kind="eval")
+    assert rc == 1 and job3["state"] == "zero" and "same eval set as zorblax's target set" in job3["detail"], \
+        (err, job3)
+    # Most of its items renamed into a new set, with one new item: a copy too.
+    near = tmp_path / "near.json"
+    near.write_text(json.dumps({**raw, "name": "my-zorblax", "items": raw["items"][:3] + [
+        {"prompt": "What is the capital of Ireland?", "answer": "Dublin"}]}))
+    rc, job4, err = contribute(host, near, *TERMS, kind="eval")
+    assert rc == 1 and job4["state"] == "zero" and "3 of its 4 items come from" in job4["detail"], (err, job4)
+    mesh.sync_now()
+    after = replays(mesh)[0]
+    assert after["totals"]["minted"] == before["totals"]["minted"] + minted
+    assert after["entries"] == before["entries"] + 2
 
 
 @pytest.mark.real

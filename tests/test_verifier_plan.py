@@ -131,3 +131,23 @@ def test_routing_reads_the_admitted_set_and_draws_the_probation_share_by_task_id
     assert routable(gated, outside) == {admitted: author}
     assert routable(gated, inside) == {admitted: author, probation: author}
     assert routable(gated.replace(probation_share_bp=0), inside) == {admitted: author}
+
+
+def test_a_file_that_is_not_a_gguf_measures_the_same_refusal_everywhere(tmp_path):
+    """Every verifier reads the same bytes, so a file no GGUF reader accepts
+    gets one fixed reason (not a parser's message) and fails gate 6."""
+    from types import SimpleNamespace
+
+    from aemd.verifier import BAD_GGUF, VerifierService
+    from protocol.admission import Subject, judge
+    lg = Log()
+    cid = lg.capsule()
+    cap = lg.state().get(cid)
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 60)
+    fake = SimpleNamespace(node=SimpleNamespace(genesis=lg.net.genesis), eval_threads=1)
+    m = VerifierService._evaluate(fake, cap.manifest, cap.subject, bad)
+    assert m.manifest_problem == BAD_GGUF and not m.manifest_ok and m.artefact_ok
+    assert VerifierService._evaluate(fake, cap.manifest, cap.subject, bad) == m
+    assert "manifest" in judge(m, cap.subject, [], PARAMS)
+    assert isinstance(cap.subject, Subject)
