@@ -41,7 +41,7 @@ from crypto.hashing import H
 from ledger.atomicfile import atomic_write
 from protocol import canonical, errors
 from protocol.errors import AemError
-from protocol.growth import (MAX_CONTRIBUTION_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+from protocol.growth import (CONTEXT_TYPES, MAX_CONTRIBUTION_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
                              ContributionDocument, Figure, attest_problem, best_expert, build_core,
                              check_eval_file, contaminated_items, context_text, copy_of, decode_msg,
                              encode_msg, eval_improvement, near_duplicate_of, parse_request, separation_bp)
@@ -282,7 +282,7 @@ class GrowthVerifier:
         if dup is not None:
             return zero(f"the same file as contribution {dup.hex()[:16]}")
         data = await self._fetch(doc, peer)
-        if doc.type != "knowledge":
+        if doc.type not in CONTEXT_TYPES:
             return zero(f"a {doc.type} contribution is not measurable yet")
         text = data.decode("utf-8", errors="replace")
         found = contaminated_items(text, evalset.items)

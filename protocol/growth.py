@@ -37,7 +37,7 @@ from protocol.mesh import TEACHER_TERMS, TeacherPolicyCard
 from protocol.receipts import CONTRIBUTION_TYPES, ContributionReceipt
 
 __all__ = [
-    "DOC_FORMAT", "BASIS", "MEASURABLE", "SHINGLE_WORDS", "CONTAMINATION_BP", "CONTEXT_BUDGET_BYTES",
+    "DOC_FORMAT", "BASIS", "CONTEXT_TYPES", "MEASURABLE", "SHINGLE_WORDS", "CONTAMINATION_BP", "CONTEXT_BUDGET_BYTES",
     "CONTEXT_PREFIX", "MAX_CONTRIBUTION_BYTES", "MAX_POLICY_CHARS", "NOT_DISTILLED",
     "ContributionDocument", "check_licence", "check_teacher", "anti_distillation",
     "words", "shingles", "contaminated_items", "near_duplicate_of", "context_text",
@@ -50,7 +50,10 @@ __all__ = [
 DOC_FORMAT = "aem-contribution/1"
 BASIS = "eval_improvement"
 EVAL_BASIS = "accepted_delta"
-BASES = {"knowledge": BASIS, "eval": EVAL_BASIS}   # the basis each measurable type is credited on
+#: Types measured as text supplied to the domain's best expert as context
+#: (issue: "eval_improvement for knowledge, data shards and curricula").
+CONTEXT_TYPES = ("knowledge", "data_shard", "curriculum")
+BASES = {**{t: BASIS for t in CONTEXT_TYPES}, "eval": EVAL_BASIS}   # the basis each measurable type is credited on
 MEASURABLE = tuple(BASES)              # types with a measured figure today; the others are refused
 COPY_BP = 5000                         # an eval is a copy when half its items come from one set
 SHINGLE_WORDS = 8                      # words per shingle
@@ -211,11 +214,12 @@ class ContributionDocument:
         if type not in MEASURABLE:
             raise AemError(errors.REFUSED, f"a {type} contribution is not measurable yet (measured "
                                            f"today: {', '.join(MEASURABLE)}; specs/growth.md)")
-        if type == "knowledge":
+        if type in CONTEXT_TYPES:
             try:
                 bytes(data).decode("utf-8")
             except UnicodeDecodeError:
-                raise AemError(errors.REFUSED, "a knowledge contribution is UTF-8 text") from None
+                raise AemError(errors.REFUSED, f"a {type} contribution is UTF-8 text (it is measured as "
+                                               "context for the domain's expert)") from None
         if type == "eval":
             check_eval_file(data)
         return cls(type=type, domain=domain, licence=lic, source_policy=src, training_use=use,

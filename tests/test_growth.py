@@ -615,3 +615,19 @@ def test_a_receipt_attested_by_non_verifiers_mints_nothing(world):
 
 if __name__ == "__main__":
     print(json.dumps(current_vectors(), indent=2, ensure_ascii=False))
+
+
+def test_data_shards_and_curricula_are_measured_as_context_like_knowledge():
+    from protocol.growth import CONTEXT_TYPES, ContributionDocument, basis_of
+    for t in CONTEXT_TYPES:
+        assert basis_of(t) == "eval_improvement"
+        doc = ContributionDocument.make(type=t, domain="zorblax", licence="CC-BY-4.0", source_policy="mine",
+                                        training_use="any", teacher_policy=None, distilled_from=None,
+                                        data=b"Zorblax facts.")
+        assert doc.type == t
+    with pytest.raises(AemError, match="UTF-8 text"):
+        ContributionDocument.make(type="data_shard", domain="zorblax", licence="CC-BY-4.0", source_policy="mine",
+                                  training_use="any", teacher_policy=None, distilled_from=None, data=b"\xff\xfe")
+    for t in ("skill", "operator"):
+        with pytest.raises(AemError, match="not measurable yet"):
+            basis_of(t)
