@@ -111,6 +111,10 @@ def register_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--training-use", choices=TRAINING_USES, default=None,
                    help="may this task's prompt and output become training data (`aemctl traces export`)? "
                         "Signed into the task; default: the node's [training] use (forbidden unless set)")
+    p.add_argument("--use", dest="uses", action="append", default=[], metavar="COMMITMENT",
+                   help="a skill or operator contribution (its commitment, 64 hex) the task applies; "
+                        "repeatable, at most 4. Signed into the task and repeated in the host's receipt, "
+                        "it counts for that contribution's verified use (specs/growth.md)")
     add_home(p)
     add_json(p)
     p.set_defaults(func=_submit)
@@ -403,6 +407,8 @@ def _submit(args: argparse.Namespace) -> int:
     cargs["latency_budget_ms"] = min(int(args.timeout * 1000), MAX_LATENCY_BUDGET_MS)
     if args.training_use is not None:
         cargs["training_use"] = args.training_use
+    if args.uses:
+        cargs["uses"] = [u.lower() for u in args.uses]
 
     def on_event(ev: dict) -> None:
         if args.json:

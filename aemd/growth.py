@@ -18,6 +18,10 @@ target set (``aemd.evaluate.evaluate_gguf``), and the figure is the highest
 score minus the lowest; a copy of a genesis set or of an eval contribution
 this verifier attested measures 0 (``protocol.growth.copy_of``).
 
+A skill or operator is counted, not measured: a request for one carries
+``as_of`` (the period's end), and the verifier counts the receipts of its own
+log that name the commitment (:func:`count_in_log`, specs/growth.md §7).
+
 The contributor's node (control command ``contribute``) asks one verifier to
 measure, builds the core with that figure, asks every verifier to attest it,
 and appends the signed ContributionReceipt once a quorum has.
@@ -45,6 +49,8 @@ from protocol.growth import (CONTEXT_TYPES, MAX_CONTRIBUTION_BYTES, MAX_REQUEST_
                              ContributionDocument, Figure, attest_problem, best_expert, build_core,
                              check_eval_file, contaminated_items, context_text, copy_of, decode_msg,
                              encode_msg, eval_improvement, near_duplicate_of, parse_request, separation_bp)
+from protocol.growth import (USE_MARGIN_S, USE_TYPES, UseRecord, basis_of, check_as_of, count_uses, previous_period,
+                             uses_eval_id)
 from protocol.receipts import Attestation
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ FETCH_TIMEOUT_S = 120.0
 EXPERT_FETCH_TIMEOUT_S = 1800.0
 TABLE_FILE = "growth-attested.json"
 EVALS_FILE = "growth-evals.json"     # eval set hash -> the eval contribution this verifier attested it under
+PERIODS_FILE = "growth-periods.json"  # skill/operator commitment -> [start, end] of the latest period attested here
 MAX_FIGURES = 4096          # figures kept in memory (oldest dropped: measured again if asked)
 
 
@@ -185,6 +192,8 @@ class GrowthVerifier:
         self.table = self._read_table()
         self.evals_path = node.home.root / EVALS_FILE
         self.evals = self._read_evals()            # eval hash -> (commitment, file hash)
+        self.periods_path = node.home.root / PERIODS_FILE
+        self.periods = self._read_periods()        # commitment -> (T_prev, T) of the latest period attested here
         self.measured = 0
         self.attested = 0
         self.refused = 0
@@ -210,7 +219,26 @@ class GrowthVerifier:
             log.warning("%s unreadable: starting an empty table of attested evals", self.evals_path)
             return {}
 
-    def _remember(self, doc: ContributionDocument, fig: Figure) -> None:
+    def _read_periods(self) -> dict[bytes, tuple[int, int]]:
+        try:
+            raw = json.loads(self.periods_path.read_text())
+            return {bytes.fromhex(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError, TypeError):
+            log.warning("%s unreadable: starting an empty table of counted periods", self.periods_path)
+            return {}
+
+    def _remember(self, doc: ContributionDocument, fig: Figure, after: int = 0) -> None:
+        if doc.type in USE_TYPES:
+            # A period this verifier attested bounds the next one even before
+            # its receipt reaches the log: no two overlapping periods signed.
+            t = int(fig.eval_id.split("-", 1)[1])
+            if t > self.periods.get(doc.commitment, (0, 0))[1]:
+                self.periods[doc.commitment] = (after, t)
+                atomic_write(self.periods_path, json.dumps({k.hex(): list(v) for k, v in self.periods.items()},
+                                                           sort_keys=True).encode(), 0o600)
+            return
         if doc.type == "eval":
             eh = bytes.fromhex(fig.eval_id)
             if eh not in self.evals:
@@ -227,9 +255,13 @@ class GrowthVerifier:
     async def handler(self, stream: Any, peer: str) -> None:
         try:
             req = await read_frame(stream, MAX_REQUEST_BYTES)
-            op, doc, core = parse_request(req)
+            op, doc, core, as_of = parse_request(req)
             asker = p2p.public_from_peer_id(peer)
-            fig = await self.figure(doc, peer)
+            after = 0
+            if doc.type in USE_TYPES:
+                fig, after = await self.count_figure(doc, asker, as_of)
+            else:
+                fig = await self.figure(doc, peer)
             if op == "measure":
                 resp = {"ok": True, "figure": fig.to_map()}
             else:
@@ -239,12 +271,32 @@ class GrowthVerifier:
                     resp = {"ok": False, "code": errors.REFUSED, "detail": problem, "figure": fig.to_map()}
                 else:
                     att = core.attested_by(self.node.key)
-                    self._remember(doc, fig)
+                    self._remember(doc, fig, after)
                     self.attested += 1
                     resp = {"ok": True, "figure": fig.to_map(), "attestation": att.to_map()}
         except AemError as exc:
             resp = {"ok": False, "code": exc.code, "detail": exc.detail[:300]}
         await write_frame(stream, encode_msg(resp, MAX_RESPONSE_BYTES))
+
+    async def count_figure(self, doc: ContributionDocument, contributor: bytes, as_of: int | None
+                           ) -> tuple[Figure, int]:
+        """(figure, T_prev): the counted figure of a skill or operator for the
+        period ending at ``as_of`` (specs/growth.md §7), from this verifier's
+        own log; never cached. The period it attested last may be attested
+        again (a retry: the ledger mints it once); any other must begin after it."""
+        if as_of is None:
+            raise AemError(errors.BAD_VALUE, f"a {doc.type} is counted for a period: the request names as_of")
+        check_as_of(as_of, self.node.now())
+        basis = basis_of(doc.type)
+        last = self.periods.get(doc.commitment)
+        attested = 0 if last is None else (last[0] if as_of == last[1] else last[1])
+        after, n = await self.node.store.with_replay(
+            self.node.now(), lambda store, res: count_in_log(store, res, doc.commitment, contributor, basis, as_of,
+                                                             attested))
+        reason = "" if n else f"no qualifying use in ({after}, {as_of}]"
+        self.measured += 1
+        log.info("%s contribution %s: %d use(s) in (%d, %d]", doc.type, doc.commitment.hex()[:16], n, after, as_of)
+        return Figure(doc.commitment, uses_eval_id(as_of), b"", n, 0, 0, reason), after
 
     async def figure(self, doc: ContributionDocument, peer: str) -> Figure:
         """This verifier's own figure of ``doc`` (measured once per commitment)."""
@@ -390,6 +442,39 @@ class GrowthVerifier:
                 "files_seen": len(self.table), "evals_seen": len(self.evals)}
 
 
+def use_records(store: Any, res: Any) -> list[UseRecord]:
+    """The applied inference receipts that name contributions they used, as
+    the count reads them (blocking; ``res`` is the store's replay)."""
+    from ledger.state import VOIDED
+    from protocol.entry import Entry
+    st = res.checkpoint.state
+    out = []
+    for data in store.linked_of_kind("inference_receipt"):
+        try:
+            r = Entry.decode(data).payload()
+        except AemError:
+            continue
+        if not getattr(r, "uses", ()):
+            continue
+        rid = r.id
+        applied = st.receipts.get(rid)
+        if applied is None:
+            continue                  # refused by a rule, or not in the applied feeds
+        out.append(UseRecord(receipt_id=rid, host=r.host, payer=r.payer, task_hash=r.task_hash, uses=tuple(r.uses),
+                             settle_at=applied[3], acked=rid + r.payer in st.acks,
+                             voided=applied[4] == VOIDED or rid in st.challenged))
+    return out
+
+
+def count_in_log(store: Any, res: Any, commitment: bytes, contributor: bytes, basis: str, as_of: int,
+                 attested: int = 0) -> tuple[int, int]:
+    """(T_prev, count) of one commitment's period ending at ``as_of``: T_prev
+    the latest period end minted in the replay or ``attested`` here before."""
+    st = res.checkpoint.state
+    after = max(previous_period(st.contributions, commitment, basis), attested)
+    return after, count_uses(use_records(store, res), commitment, contributor, after, as_of)
+
+
 # --- the contributor side ---------------------------------------------------------------
 
 async def _ask(node: "Node", verifier: bytes, req: dict) -> dict:
@@ -411,12 +496,19 @@ class Contributor:
     def start(self, node: "Node", nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
-    def submit(self, doc: ContributionDocument) -> dict:
+    def submit(self, doc: ContributionDocument, as_of: int | None = None) -> dict:
+        """Start a job; a skill or operator is counted for the period ending
+        at ``as_of`` (default: now less the margin verifiers require)."""
         job = self.jobs.get(doc.commitment)
         if job is not None and job["state"] in ("measuring", "attesting"):
             return job
+        if doc.type in USE_TYPES:
+            as_of = check_as_of(self.node.now() - USE_MARGIN_S if as_of is None else as_of, self.node.now())
+        elif as_of is not None:
+            raise AemError(errors.BAD_VALUE, f"as_of: a {doc.type} contribution is measured, not counted")
         job = {"commitment": doc.commitment.hex(), "state": "measuring", "delta": None, "receipt_id": None,
-               "attestations": 0, "quorum": self.node.genesis.quorum, "refusals": [], "detail": ""}
+               "attestations": 0, "quorum": self.node.genesis.quorum, "refusals": [], "detail": "",
+               "type": doc.type, "as_of": as_of}
         self.jobs[doc.commitment] = job
         if self._nursery is None:
             raise AemError(errors.UNAVAILABLE, "the node is still starting")
@@ -435,10 +527,11 @@ class Contributor:
     async def _work(self, doc: ContributionDocument, job: dict) -> None:
         node = self.node
         verifiers = sorted(v for v in node.genesis.verifiers if v != node.key.public)
+        pinned = {"as_of": job["as_of"]} if doc.type in USE_TYPES else {}
         figure = None
         for v in verifiers:
             try:
-                resp = await _ask(node, v, {"op": "measure", "doc": doc.to_map()})
+                resp = await _ask(node, v, {"op": "measure", "doc": doc.to_map(), **pinned})
             except (AemError, trio.TooSlowError) as exc:
                 job["refusals"].append({"verifier": v.hex(), "detail": str(exc)[:200]})
                 continue
@@ -452,7 +545,8 @@ class Contributor:
         job["delta"], job["eval_id"] = delta, eval_id
         if delta == 0:
             # Nothing to mint: no entry in the log for a figure of 0.
-            job["state"], job["detail"] = "zero", figure.get("zero_reason") or "no improvement"
+            job["state"], job["detail"] = "zero", figure.get("zero_reason") or (
+                "no qualifying use" if doc.type in USE_TYPES else "no improvement")
             return
         core = build_core(net=node.net, contributor=node.key.public, doc=doc, eval_id=eval_id, delta=delta,
                           created_at=node.now())
@@ -462,7 +556,7 @@ class Contributor:
 
         async def one(v: bytes) -> None:
             try:
-                resp = await _ask(node, v, {"op": "attest", "doc": doc.to_map(), "core": core.to_map()})
+                resp = await _ask(node, v, {"op": "attest", "doc": doc.to_map(), "core": core.to_map(), **pinned})
             except (AemError, trio.TooSlowError) as exc:
                 job["refusals"].append({"verifier": v.hex(), "detail": str(exc)[:200]})
                 return
@@ -517,10 +611,14 @@ def install(node: "Node", cfg: Any) -> GrowthVerifier | None:
     async def contribute(args: dict, emit) -> dict:
         c = _hex_arg(args, "commitment", 32)
         doc = await trio.to_thread.run_sync(load_document, node.home, c)
-        if node.genesis.admission.domain(doc.domain) is None:
+        as_of = args.get("as_of")
+        if as_of is not None and (type(as_of) is not int or as_of < 1):
+            raise AemError(errors.BAD_VALUE, "as_of must be a positive integer time")
+        if doc.type not in USE_TYPES and node.genesis.admission.domain(doc.domain) is None:
+            # A skill or operator is counted from the log, not judged in a domain.
             raise AemError(errors.REFUSED, f"the genesis judges no domain {doc.domain!r} (it judges: "
                            f"{', '.join(d.domain for d in node.genesis.admission.domains) or 'none'})")
-        return dict(contributor.submit(doc))
+        return dict(contributor.submit(doc, as_of))
 
     async def contribution_status(args: dict, emit) -> dict:
         c = _hex_arg(args, "commitment", 32)

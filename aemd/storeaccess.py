@@ -87,6 +87,15 @@ class StoreAccess:
             self.observe_replay(time.perf_counter() - t)
         return res
 
+    async def with_replay(self, as_of: int, fn: Callable[[Any, Any], Any]) -> Any:
+        """``fn(store, replay)`` in a worker thread, the replay as of ``as_of``
+        and ``fn`` both under the lock: its state is read before another
+        replay continues from it."""
+        def run() -> Any:
+            return fn(self.store, self.store.replay(as_of))
+        async with self._lock:
+            return await trio.to_thread.run_sync(run)
+
     async def admission(self) -> AdmissionState:
         """The admission replay of the stored log (``ledger/admission.py``),
         over every applied entry the store holds. Cached: recomputed only

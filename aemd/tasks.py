@@ -50,7 +50,7 @@ from protocol.errors import AemError
 from protocol.entry import Entry
 from protocol.receipts import Dispute
 from protocol.taskwire import MAX_CHUNK, TaskChunk, TaskRequest, TaskResult, task_protocol_id
-from protocol.task import (MAX_MESSAGES, MAX_PROMPT, TRAINING_DEFAULT, TRAINING_USES, Attempt, ChatMessage,
+from protocol.task import (MAX_MESSAGES, MAX_USES, MAX_PROMPT, TRAINING_DEFAULT, TRAINING_USES, Attempt, ChatMessage,
                            InferenceWorkReceipt, ReceiptAck, RouteTrace, SpendAuthorization, TaskPacket)
 from protocol.tasksession import (AdmissionFacts, HostOutcome, Offer, PayerGone, Ran, RunFailed, accept_deadline,
                                   admit, host_session, payer_session, to_dispute)
@@ -495,6 +495,7 @@ class TaskService:
             "price": receipt.charge, "receipt_id": receipt.id.hex(), "tokens_out": result.tokens_out,
             "output": result.output, "attempts": len(attempts), "capsule_id": receipt.capsule_id.hex(),
             "training_use": task.training_use, "host_training_use": receipt.training_use,
+            "uses": [u.hex() for u in receipt.uses],
         }
 
     def _budget(self, task: TaskPacket) -> float:
@@ -810,13 +811,17 @@ def build_task(node: TaskEnv, args: dict) -> TaskPacket:
     training_use = _arg(args, "training_use", str, TRAINING_DEFAULT)
     if training_use not in TRAINING_USES:
         raise AemError(errors.BAD_VALUE, "training_use must be allowed or forbidden")
+    uses = _str_list(args, "uses", MAX_USES)
+    if len(set(uses)) != len(uses) or not all(len(u) == 64 and all(c in "0123456789abcdef" for c in u)
+                                              for u in uses):
+        raise AemError(errors.BAD_VALUE, f"uses: at most {MAX_USES} distinct contribution commitments, 64 hex each")
     has_text = args.get("prompt") is not None or args.get("messages") is not None
     kind = args.get("kind", "text" if has_text else None)
     common = dict(net=node.net, payer=node.key.public, nonce=os.urandom(16),
                   domain=_arg(args, "domain", str, ""), tags=_str_list(args, "tags", 32),
                   max_price=_arg(args, "max_price", int, 0),
                   latency_budget_ms=_arg(args, "latency_budget_ms", int, 0), created_at=node.now(), sig=b"",
-                  training_use=training_use)
+                  training_use=training_use, uses=tuple(bytes.fromhex(u) for u in uses))
     if kind == "text":
         prompt = _arg(args, "prompt", str, "")
         messages = args.get("messages")

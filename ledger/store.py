@@ -455,6 +455,14 @@ class LogStore:
                 f"WHERE e.{_ADMISSION_WHERE} AND e.state = 0 AND (k.seq IS NULL OR e.seq < k.seq)").fetchall()
         return [(unpack_fact(f), d) for f, d in rows]
 
+    def linked_of_kind(self, kind: str) -> list[bytes]:
+        """The bytes of every linked entry of one body kind (the ledger's
+        state says which of them apply): e.g. the inference receipts a
+        contribution's counted uses are read from."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT data FROM entries WHERE kind = ? AND state = 0 "
+                                                   "ORDER BY rowid", (kind,))]
+
     # -- replay -----------------------------------------------------------------
 
     def replay(self, as_of: int, *, check: bool = False,

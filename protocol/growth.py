@@ -19,6 +19,12 @@ lowest (:func:`separation_bp`); 0 with fewer than two experts, and 0 for a copy
 of an existing eval (:func:`copy_of`: the same content hash, or most of its
 items' prompts shingled from one existing set's prompts).
 
+The figure of a skill (``verified_skill_use``) or an operator
+(``operator_adoption``) is counted, not measured (:func:`count_uses`): the
+applied, acknowledged, unvoided receipts of tasks whose ``uses`` name it, by
+payers and hosts other than the contributor, settled in the period
+``(T_prev, T]`` the receipt's eval_id ``uses-T`` pins.
+
 Everything here is pure: bytes and values in, values out. The daemon's shell
 (``aemd/growth.py``) runs the model, the streams and the files.
 """
@@ -44,7 +50,8 @@ __all__ = [
     "eval_improvement", "Figure", "build_core", "attest_problem", "best_expert",
     "encode_msg", "decode_msg", "MAX_REQUEST_BYTES", "MAX_RESPONSE_BYTES",
     "BASES", "EVAL_BASIS", "COPY_BP", "basis_of", "check_eval_file", "copied_items", "copy_of",
-    "separation_bp",
+    "separation_bp", "SKILL_BASIS", "OPERATOR_BASIS", "USE_TYPES", "USE_MARGIN_S", "UseRecord", "uses_eval_id",
+    "period_end", "previous_period", "qualifying_uses", "count_uses", "check_as_of",
 ]
 
 DOC_FORMAT = "aem-contribution/1"
@@ -53,7 +60,12 @@ EVAL_BASIS = "accepted_delta"
 #: Types measured as text supplied to the domain's best expert as context
 #: (issue: "eval_improvement for knowledge, data shards and curricula").
 CONTEXT_TYPES = ("knowledge", "data_shard", "curriculum")
-BASES = {**{t: BASIS for t in CONTEXT_TYPES}, "eval": EVAL_BASIS}   # the basis each measurable type is credited on
+SKILL_BASIS = "verified_skill_use"
+OPERATOR_BASIS = "operator_adoption"
+#: Types measured by counting the log's receipts of tasks that used them (§7).
+USE_TYPES = ("skill", "operator")
+BASES = {**{t: BASIS for t in CONTEXT_TYPES}, "eval": EVAL_BASIS,
+         "skill": SKILL_BASIS, "operator": OPERATOR_BASIS}   # the basis each measurable type is credited on
 MEASURABLE = tuple(BASES)              # types with a measured figure today; the others are refused
 COPY_BP = 5000                         # an eval is a copy when half its items come from one set
 SHINGLE_WORDS = 8                      # words per shingle
@@ -214,12 +226,13 @@ class ContributionDocument:
         if type not in MEASURABLE:
             raise AemError(errors.REFUSED, f"a {type} contribution is not measurable yet (measured "
                                            f"today: {', '.join(MEASURABLE)}; specs/growth.md)")
-        if type in CONTEXT_TYPES:
+        if type in CONTEXT_TYPES or type in USE_TYPES:
             try:
                 bytes(data).decode("utf-8")
             except UnicodeDecodeError:
-                raise AemError(errors.REFUSED, f"a {type} contribution is UTF-8 text (it is measured as "
-                                               "context for the domain's expert)") from None
+                raise AemError(errors.REFUSED, f"a {type} contribution is UTF-8 text" + (
+                    " (it is measured as context for the domain's expert)" if type in CONTEXT_TYPES else
+                    " (the skill's text or the operator's description)")) from None
         if type == "eval":
             check_eval_file(data)
         return cls(type=type, domain=domain, licence=lic, source_policy=src, training_use=use,
@@ -440,6 +453,87 @@ def attest_problem(core: ContributionReceipt, doc: ContributionDocument, *, net:
     return ""
 
 
+# --- counted uses: verified_skill_use and operator_adoption (specs/growth.md §7) --------
+
+USE_MARGIN_S = 60          # a pinned time is at least this far in the past, so synced verifiers agree
+_USES_ID = re.compile(r"uses-(0|[1-9][0-9]{0,18})")
+
+
+@dataclass(frozen=True)
+class UseRecord:
+    """What the count reads of one applied InferenceWorkReceipt, from the log."""
+    receipt_id: bytes
+    host: bytes
+    payer: bytes
+    task_hash: bytes
+    uses: tuple            # the receipt's ``uses``: commitments
+    settle_at: int         # ledger.rules.settle_time
+    acked: bool            # its payer's ReceiptAck (accepted) is applied
+    voided: bool           # challenged or disputed (an applying one), or voided
+
+
+def uses_eval_id(as_of: int) -> str:
+    """The eval_id of the period ending at ``as_of``: one receipt per period."""
+    return f"uses-{as_of}"
+
+
+def period_end(eval_id: str) -> int | None:
+    """``T`` of an eval_id ``uses-T``; None for any other eval_id."""
+    m = _USES_ID.fullmatch(eval_id) if isinstance(eval_id, str) else None
+    return int(m.group(1)) if m else None
+
+
+def previous_period(minted: Iterable[tuple], commitment: bytes, basis: str) -> int:
+    """``T_prev``: the largest ``T`` of the applied contributions ``minted``
+    ((content_commitment, eval_id, credit_basis), as the ledger keeps them) of
+    this commitment and basis; 0 if none. A period ending at or before it
+    counts nothing, so periods never overlap."""
+    best = 0
+    for c, eval_id, b in minted:
+        if c != commitment or b != basis:
+            continue
+        t = period_end(eval_id)
+        if t is not None and t > best:
+            best = t
+    return best
+
+
+def qualifying_uses(records: Iterable[UseRecord], commitment: bytes, contributor: bytes,
+                    after: int, upto: int) -> list[UseRecord]:
+    """The receipts that count as uses of ``commitment`` in the period
+    ``(after, upto]``: the receipt names it, is acknowledged by its payer and
+    not voided, and neither its payer nor its host is the contributor; one per
+    (payer, task_hash), the earliest-settling (then lowest id) of the whole
+    log, counted in the period it settles in, so a task never counts twice
+    whatever the periods."""
+    first: dict[tuple[bytes, bytes], UseRecord] = {}
+    for r in records:
+        if commitment not in r.uses or not r.acked or r.voided or contributor in (r.payer, r.host):
+            continue
+        k = (r.payer, r.task_hash)
+        if k not in first or (r.settle_at, r.receipt_id) < (first[k].settle_at, first[k].receipt_id):
+            first[k] = r
+    return sorted((r for r in first.values() if after < r.settle_at <= upto), key=lambda r: r.receipt_id)
+
+
+def count_uses(records: Iterable[UseRecord], commitment: bytes, contributor: bytes, after: int,
+               upto: int) -> int:
+    """The figure of a skill or operator contribution for the period ``(after, upto]``."""
+    if upto <= after:
+        return 0
+    return len(qualifying_uses(records, commitment, contributor, after, upto))
+
+
+def check_as_of(as_of: Any, now: int, margin: int = USE_MARGIN_S) -> int:
+    """A pinned time a verifier counts at: an integer at most ``now - margin``."""
+    if type(as_of) is not int or as_of < 1:
+        raise AemError(errors.BAD_VALUE, "as_of is a positive integer time (seconds)")
+    if as_of > now - margin:
+        raise AemError(errors.REFUSED, f"as_of {as_of} is less than {margin} s in the past (now {now}): "
+                                       "verifiers count only a settled past")
+    return as_of
+
+
 # --- the attest stream's messages -------------------------------------------------------
 
 _OPS = ("measure", "attest")
@@ -459,18 +553,22 @@ def decode_msg(data: bytes, limit: int) -> dict:
     return m
 
 
-def parse_request(data: bytes) -> tuple[str, ContributionDocument, ContributionReceipt | None]:
-    """(op, document, receipt core for ``attest``) of a request frame."""
+def parse_request(data: bytes) -> tuple[str, ContributionDocument, ContributionReceipt | None, int | None]:
+    """(op, document, receipt core for ``attest``, pinned time for a skill or
+    operator) of a request frame."""
     m = decode_msg(data, MAX_REQUEST_BYTES)
     op = m.get("op")
     if op not in _OPS:
         raise AemError(errors.BAD_VALUE, f"op must be one of {', '.join(_OPS)}")
-    allowed = {"op", "doc"} | ({"core"} if op == "attest" else set())
+    doc = ContributionDocument.from_map(m.get("doc"))
+    allowed = {"op", "doc"} | ({"core"} if op == "attest" else set()) | ({"as_of"} if doc.type in USE_TYPES else set())
     if set(m) != allowed:
         raise AemError(errors.BAD_VALUE, f"a {op} request holds exactly {', '.join(sorted(allowed))}")
-    doc = ContributionDocument.from_map(m["doc"])
     core = ContributionReceipt.from_map(m["core"], "core") if op == "attest" else None
-    return op, doc, core
+    as_of = m.get("as_of")
+    if as_of is not None and (type(as_of) is not int or as_of < 1):
+        raise AemError(errors.BAD_VALUE, "as_of is a positive integer time (seconds)")
+    return op, doc, core, as_of
 
 
 def is_hex64(s: Any) -> bool:

@@ -37,6 +37,8 @@ def _wire_default(value, kind):
 
 
 TRAINING_USE = Str(16, choices=TRAINING_USES)
+MAX_USES = 4
+USES = ListOf(HASH, MAX_USES, unique=True)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ class TaskPacket(Signed):
         default=(), metadata={"kind": ListOf(Obj(ChatMessage), MAX_MESSAGES)})
     # The payer's policy for training on this task's prompt and output.
     training_use: str = _wire_default(TRAINING_DEFAULT, TRAINING_USE)
+    # The skill and operator contributions (by commitment) the task applies:
+    # counted from the log for their verified_skill_use / operator_adoption
+    # (specs/growth.md), so the payer names them and the host's receipt repeats them.
+    uses: tuple = _wire_default((), USES)
 
     def _validate(self) -> None:
         if self.kind == "text":
@@ -143,6 +149,8 @@ class InferenceWorkReceipt(Signed):
     # The host's policy for training on this output: signed with the output's
     # hash and logged, so a training set's use of it is checkable from the log.
     training_use: str = _wire_default(TRAINING_DEFAULT, TRAINING_USE)
+    # The task's ``uses``, copied: what the log counts a use from.
+    uses: tuple = _wire_default((), USES)
 
     def _validate(self) -> None:
         a = self.spend_auth

@@ -208,7 +208,8 @@ def host_session(net: bytes, key, training_use: str = TRAINING_DEFAULT) -> Sessi
     receipt = InferenceWorkReceipt(
         net=net, host=key.public, payer=task.payer, task_hash=task.id, capsule_id=req.capsule_id,
         spend_auth=req.spend_auth, charge=price, output_hash=H(ran.output), tokens_out=ran.tokens,
-        started_at=started, finished_at=max(started, finished), sig=b"", training_use=training_use).signed(key)
+        started_at=started, finished_at=max(started, finished), sig=b"", training_use=training_use,
+        uses=task.uses).signed(key)
     # Log first: once the payer holds the receipt, the charge is on record.
     yield Call("append_receipt", (receipt,))
     yield Send(TaskResult(output=ran.output, tokens_out=ran.tokens, receipt=receipt).encode())
@@ -229,6 +230,9 @@ def check_result(res: TaskResult, net: bytes, host: bytes, task: TaskPacket, aut
         raise AemError(errors.BAD_VALUE, "receipt is for another host, task or authorisation")
     if r.output_hash != H(res.output):
         raise AemError(errors.BAD_VALUE, "receipt does not match the output")
+    if tuple(r.uses) != tuple(task.uses):
+        # A use is counted from the receipt: it must name what the task named.
+        raise AemError(errors.BAD_VALUE, "receipt names other contributions used than the task")
     if r.charge > auth.max_charge or r.charge > accepted_price:
         raise AemError(errors.BAD_VALUE, f"receipt charges {fmt_credits(r.charge)}, the host accepted the task "
                                          f"at {fmt_credits(accepted_price)}")
