@@ -243,16 +243,15 @@ class VerifierService:
             path = await self._fetch(job, manifest, params, failures)
             if path is None:
                 if job.purpose == "reeval" and failures + 1 >= REEVAL_UNAVAILABLE_AFTER:
-                    m = not_measured(subject, UNAVAILABLE, artefact_ok=False)
-                    m = _mark_artefact_bad(m)
+                    m = _artefact_bad(subject, UNAVAILABLE)
                 else:
                     return None
             elif path == MISMATCH:
-                m = _mark_artefact_bad(not_measured(subject, MISMATCH))
+                m = _artefact_bad(subject, MISMATCH)
             elif path == TOO_BIG:
                 # Not fetched: larger than the class it claims can hold. The
                 # file's size bounds its memory need from below.
-                m = _mark_artefact_bad(not_measured(subject, TOO_BIG)).replace(
+                m = _artefact_bad(subject, TOO_BIG).replace(
                     memory_mb=min(-(-manifest.size_bytes // (1 << 20)), (1 << 24)))
             else:
                 try:
@@ -330,15 +329,12 @@ class VerifierService:
             if problem:
                 return not_measured(subject, f"runner spec: {problem}", manifest.content_hash, artefact_ok=True)
             if dom is None:
-                return _no_domain(subject, manifest, H(spec))
+                return _fetched(manifest, tensor_hash=H(spec))
             # A fixture set this verifier lacks, or no sandbox here: NOT_FOUND or
             # UNAVAILABLE propagate, and the job is retried rather than reported.
             fig = evaluate_code_patch(spec, manifest.patch_policy[0], load_fixtures(dom.target_eval))
-            return Measurements(artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True,
-                                manifest_problem="", tensor_hash=fig.tensor_hash, memory_mb=0,
-                                node_class=manifest.node_class, target_eval=dom.target_eval,
-                                target_bp=fig.target_bp, general_eval=b"", general_bp=0,
-                                trigger_divergence_bp=0, fingerprint=b"", results_hash=fig.results_hash)
+            return _fetched(manifest, tensor_hash=fig.tensor_hash, target_eval=dom.target_eval,
+                            target_bp=fig.target_bp, results_hash=fig.results_hash)
         from aemd import evaluate
         try:
             memory_mb, tensor_hash = evaluate.static_figures(path)
@@ -353,21 +349,15 @@ class VerifierService:
         if dom is None or cls is None or memory_mb > cls.memory_mb:
             # It does not fit the class it claims (or nothing judges its
             # domain): no verifier loads it, so none has figures to give.
-            return Measurements(artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True,
-                                manifest_problem="", tensor_hash=tensor_hash, memory_mb=memory_mb,
-                                node_class=manifest.node_class, target_eval=b"", target_bp=0,
-                                general_eval=b"", general_bp=0, trigger_divergence_bp=0, fingerprint=b"",
-                                results_hash=b"")
+            return _fetched(manifest, tensor_hash=tensor_hash, memory_mb=memory_mb)
         fig = evaluate.evaluate_gguf(path, target=evaluate.load_evalset(dom.target_eval),
                                      general=evaluate.load_evalset(dom.general_eval) if dom.general_eval else None,
                                      probes=evaluate.load_evalset(params.probe_set) if params.probe_set else None,
                                      n_threads=self.eval_threads)
-        return Measurements(artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True,
-                            manifest_problem="", tensor_hash=fig.tensor_hash, memory_mb=fig.memory_mb,
-                            node_class=manifest.node_class, target_eval=dom.target_eval, target_bp=fig.target_bp,
-                            general_eval=dom.general_eval, general_bp=fig.general_bp,
-                            trigger_divergence_bp=fig.trigger_divergence_bp, fingerprint=fig.fingerprint,
-                            results_hash=fig.results_hash)
+        return _fetched(manifest, tensor_hash=fig.tensor_hash, memory_mb=fig.memory_mb, target_eval=dom.target_eval,
+                        target_bp=fig.target_bp, general_eval=dom.general_eval, general_bp=fig.general_bp,
+                        trigger_divergence_bp=fig.trigger_divergence_bp, fingerprint=fig.fingerprint,
+                        results_hash=fig.results_hash)
 
     def status(self) -> dict:
         done, total = self.progress
@@ -376,16 +366,18 @@ class VerifierService:
                 "retrying": len(self.failures)}
 
 
-def _mark_artefact_bad(m: Measurements) -> Measurements:
-    from protocol.admission import replace_measurements
-    return replace_measurements(m, artefact_ok=False, manifest_ok=True)
+def _artefact_bad(subject: Subject, problem: str) -> Measurements:
+    """A valid manifest whose artefact could not be had as it says."""
+    return not_measured(subject, problem).replace(artefact_ok=False, manifest_ok=True)
 
 
-def _no_domain(subject: Subject, manifest, tensor_hash: bytes) -> Measurements:
-    return Measurements(artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True,
-                        manifest_problem="", tensor_hash=tensor_hash, memory_mb=0,
-                        node_class=manifest.node_class, target_eval=b"", target_bp=0, general_eval=b"",
-                        general_bp=0, trigger_divergence_bp=0, fingerprint=b"", results_hash=b"")
+def _fetched(manifest, **figures) -> Measurements:
+    """The measurements of a fetched, hash-checked artefact: ``figures``
+    as measured, every figure not measured 0 or empty."""
+    base = dict(artefact_hash=manifest.content_hash, artefact_ok=True, manifest_ok=True, manifest_problem="",
+                tensor_hash=b"", memory_mb=0, node_class=manifest.node_class, target_eval=b"", target_bp=0,
+                general_eval=b"", general_bp=0, trigger_divergence_bp=0, fingerprint=b"", results_hash=b"")
+    return Measurements(**{**base, **figures})
 
 
 def _summary(m: Measurements, failed: tuple) -> str:

@@ -15,7 +15,6 @@ agree, and every peer computes the same admitted set.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -268,9 +267,6 @@ def not_measured(subject: Subject, problem: str, artefact_hash: bytes = b"",
                         node_class=subject.node_class, target_eval=b"", target_bp=0, general_eval=b"",
                         general_bp=0, trigger_divergence_bp=0, fingerprint=b"", results_hash=b"")
 
-
-def replace_measurements(m: Measurements, **changes) -> Measurements:
-    return dataclasses.replace(m, **changes)
 
 
 def manifest_problem(manifest, net: bytes) -> str:
